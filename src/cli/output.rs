@@ -1,0 +1,229 @@
+//! What commands print, in text or JSON.
+
+use std::path::Path;
+
+use anyhow::Result;
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use super::OutputFormat;
+use crate::ca::Issued;
+use crate::cacerts::Check;
+use crate::config::Loaded;
+use crate::pki::cert::CertInfo;
+use crate::policy::Approved;
+use crate::state::{IntermediateRecord, RootRecord, State};
+
+fn ts(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
+}
+
+pub(super) fn message(format: OutputFormat, text: &str, json: Value) {
+    match format {
+        OutputFormat::Text => println!("{text}"),
+        OutputFormat::Json => println!("{json}"),
+    }
+}
+
+pub(super) fn init(
+    format: OutputFormat,
+    wrote_config: Option<&Path>,
+    store: &str,
+    root: &RootRecord,
+    info: &CertInfo,
+) {
+    match format {
+        OutputFormat::Text => {
+            if let Some(p) = wrote_config {
+                println!("wrote starter config {}", p.display());
+            }
+            println!(
+                "root {} ({:?}): {}\n  serial {}\n  not after {}\n  sha256 {}\nstate in {store}",
+                root.id,
+                root.origin,
+                info.subject,
+                info.serial_hex,
+                ts(info.not_after),
+                info.sha256
+            );
+        }
+        OutputFormat::Json => println!(
+            "{}",
+            json!({
+                "config_written": wrote_config,
+                "state": store,
+                "root": {
+                    "id": root.id, "origin": root.origin, "subject": info.subject,
+                    "serial": info.serial_hex, "not_after": ts(info.not_after), "sha256": info.sha256,
+                }
+            })
+        ),
+    }
+}
+
+pub(super) fn issued(
+    format: OutputFormat,
+    cluster: &str,
+    r: &IntermediateRecord,
+    now: OffsetDateTime,
+) {
+    let days = (r.not_after - now).whole_days();
+    match format {
+        OutputFormat::Text => println!(
+            "cluster {cluster}: new intermediate serial {} signed by {}, not after {} ({days} days)",
+            r.serial,
+            r.root_id,
+            ts(r.not_after)
+        ),
+        OutputFormat::Json => println!(
+            "{}",
+            json!({"cluster": cluster, "serial": r.serial, "root": r.root_id,
+                   "not_after": ts(r.not_after), "days_left": days})
+        ),
+    }
+}
+
+pub(super) fn signed(
+    format: OutputFormat,
+    cluster: &str,
+    approved: &Approved,
+    leaf: &CertInfo,
+    issued: &Issued,
+    chain_to_stdout: bool,
+) {
+    match format {
+        OutputFormat::Text => {
+            if chain_to_stdout {
+                print!("{}", issued.chain_pem());
+            } else {
+                println!(
+                    "signed {} for {} with {cluster}'s intermediate, not after {}{}",
+                    leaf.serial_hex,
+                    approved.identity,
+                    ts(leaf.not_after),
+                    if approved.ttl_clamped {
+                        " (TTL clamped to the maximum)"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
+        OutputFormat::Json => println!(
+            "{}",
+            json!({
+                "cluster": cluster,
+                "identity": approved.identity.to_string(),
+                "serial": leaf.serial_hex,
+                "not_before": ts(leaf.not_before),
+                "not_after": ts(leaf.not_after),
+                "ttl_clamped": approved.ttl_clamped,
+                "cert_chain": issued.istio_cert_chain(),
+            })
+        ),
+    }
+}
+
+pub(super) fn checks(format: OutputFormat, dir: &Path, checks: &[Check]) {
+    let ok = checks.iter().all(|c| c.ok);
+    match format {
+        OutputFormat::Text => {
+            for c in checks {
+                println!(
+                    "{} {}: {}",
+                    if c.ok { "PASS" } else { "FAIL" },
+                    c.name,
+                    c.detail
+                );
+            }
+            println!(
+                "verdict: {} ({})",
+                if ok {
+                    "istiod would load these cacerts"
+                } else {
+                    "istiod would NOT load these cacerts"
+                },
+                dir.display()
+            );
+        }
+        OutputFormat::Json => println!("{}", json!({"dir": dir, "ok": ok, "checks": checks})),
+    }
+}
+
+pub(super) fn status(
+    format: OutputFormat,
+    loaded: &Loaded,
+    state: &State,
+    now: OffsetDateTime,
+) -> Result<()> {
+    let mut roots = Vec::new();
+    for r in &state.roots {
+        let info = CertInfo::from_pem_first(&r.cert_pem)?;
+        roots.push(json!({
+            "id": r.id, "status": r.status, "origin": r.origin, "subject": info.subject,
+            "serial": info.serial_hex, "not_after": ts(info.not_after),
+            "days_left": info.days_left(now), "key_in_state": r.key_pem.is_some(),
+        }));
+    }
+    let mut clusters = Vec::new();
+    for c in &loaded.config.clusters {
+        let cs = state.clusters.get(&c.name);
+        let current = cs.and_then(|s| s.current.as_ref()).map(|r| {
+            json!({
+                "serial": r.serial, "root": r.root_id, "created_at": ts(r.created_at),
+                "not_after": ts(r.not_after), "days_left": (r.not_after - now).whole_days(),
+            })
+        });
+        clusters.push(json!({
+            "name": c.name,
+            "intermediate": current,
+            "history": cs.map_or(0, |s| s.history.len()),
+        }));
+    }
+    let doc = json!({
+        "trust_domain": loaded.config.trust_domain,
+        "state_revision": state.revision,
+        "evaluated_at": ts(now),
+        "roots": roots,
+        "clusters": clusters,
+    });
+    match format {
+        OutputFormat::Json => println!("{doc}"),
+        OutputFormat::Text => {
+            println!(
+                "trust domain {}  (state revision {})",
+                loaded.config.trust_domain, state.revision
+            );
+            println!("roots:");
+            for r in &roots {
+                println!(
+                    "  {:<8} {:<8} serial {}  not after {}  ({} days left)",
+                    r["id"].as_str().unwrap_or("?"),
+                    r["status"].as_str().unwrap_or("?"),
+                    r["serial"].as_str().unwrap_or("?"),
+                    r["not_after"].as_str().unwrap_or("?"),
+                    r["days_left"]
+                );
+            }
+            println!("clusters:");
+            if clusters.is_empty() {
+                println!("  (none; add one with `cactl cluster add NAME`)");
+            }
+            for c in &clusters {
+                let name = c["name"].as_str().unwrap_or("?");
+                match c["intermediate"].as_object() {
+                    None => println!("  {name:<16} no intermediate (run `cactl issue {name}`)"),
+                    Some(i) => println!(
+                        "  {name:<16} serial {}  root {}  not after {}  ({} days left)",
+                        i["serial"].as_str().unwrap_or("?"),
+                        i["root"].as_str().unwrap_or("?"),
+                        i["not_after"].as_str().unwrap_or("?"),
+                        i["days_left"]
+                    ),
+                }
+            }
+        }
+    }
+    Ok(())
+}

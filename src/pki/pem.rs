@@ -1,0 +1,86 @@
+//! PEM reading and writing with the strictness a CA needs: malformed blocks are errors, not
+//! silently skipped.
+
+use super::Error;
+
+/// Parses every PEM block in `text`. Text outside blocks (comments, `openssl x509 -text`
+/// output) is ignored, as OpenSSL and Go do; a damaged block is an error.
+pub fn parse_all(text: &str) -> Result<Vec<pem::Pem>, Error> {
+    pem::parse_many(text).map_err(|e| Error::Pem(e.to_string()))
+}
+
+/// Returns the DER of every `CERTIFICATE` block in `text`, in order. Errors when there is none.
+pub fn certificates(text: &str) -> Result<Vec<Vec<u8>>, Error> {
+    let certs: Vec<Vec<u8>> = parse_all(text)?
+        .into_iter()
+        .filter(|b| b.tag() == "CERTIFICATE")
+        .map(pem::Pem::into_contents)
+        .collect();
+    if certs.is_empty() {
+        return Err(Error::MissingBlock {
+            expected: "CERTIFICATE",
+        });
+    }
+    Ok(certs)
+}
+
+/// Returns the DER of the first `CERTIFICATE REQUEST` (or legacy `NEW CERTIFICATE REQUEST`)
+/// block in `text`.
+pub fn csr(text: &str) -> Result<Vec<u8>, Error> {
+    parse_all(text)?
+        .into_iter()
+        .find(|b| matches!(b.tag(), "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST"))
+        .map(pem::Pem::into_contents)
+        .ok_or(Error::MissingBlock {
+            expected: "CERTIFICATE REQUEST",
+        })
+}
+
+/// Encodes DER as one PEM block with LF line endings and a trailing newline.
+pub fn encode(tag: &str, der: &[u8]) -> String {
+    pem::encode_config(
+        &pem::Pem::new(tag, der.to_vec()),
+        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+    )
+}
+
+/// Encodes a certificate as a PEM block.
+pub fn encode_cert(der: &[u8]) -> String {
+    encode("CERTIFICATE", der)
+}
+
+/// Concatenates certificates into one PEM text, in order.
+pub fn encode_certs<'a>(ders: impl IntoIterator<Item = &'a [u8]>) -> String {
+    ders.into_iter().map(encode_cert).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificates_requires_a_block() {
+        assert!(matches!(
+            certificates("just text\n"),
+            Err(Error::MissingBlock {
+                expected: "CERTIFICATE"
+            })
+        ));
+    }
+
+    #[test]
+    fn damaged_block_is_an_error() {
+        let text = "-----BEGIN CERTIFICATE-----\n!!!notbase64\n-----END CERTIFICATE-----\n";
+        assert!(matches!(certificates(text), Err(Error::Pem(_))));
+    }
+
+    #[test]
+    fn encode_round_trips() {
+        let text = encode_certs([&b"abc"[..], &b"defg"[..]]);
+        assert_eq!(
+            certificates(&text).unwrap(),
+            vec![b"abc".to_vec(), b"defg".to_vec()]
+        );
+        assert!(text.ends_with("-----END CERTIFICATE-----\n"));
+    }
+}
