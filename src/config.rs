@@ -246,7 +246,7 @@ impl Config {
         } else {
             serde_saphyr::from_str(text).map_err(|e| Error::Parse {
                 path: origin.to_owned(),
-                reason: e.to_string(),
+                reason: first_line(&e.to_string()),
             })?
         };
         config.validate(origin)?;
@@ -327,6 +327,12 @@ impl Config {
     pub fn cluster(&self, name: &str) -> Option<&ClusterConfig> {
         self.clusters.iter().find(|c| c.name == name)
     }
+}
+
+/// The parser's messages carry a multi-line source snippet; keep the one-line summary.
+fn first_line(msg: &str) -> String {
+    let line = msg.lines().next().unwrap_or(msg);
+    line.strip_prefix("error: ").unwrap_or(line).to_owned()
 }
 
 /// Cluster names become Kubernetes-ish labels and directory names: DNS-1123 labels.

@@ -2,6 +2,22 @@
 //! 0 success, 1 operation failed, 2 usage or configuration error, 3 a verification verdict
 //! was negative, 4 the state is locked or changed concurrently.
 
+/// Prints a line to stdout, ignoring a closed pipe (`cactl ... | head` must not panic).
+macro_rules! outln {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
+/// Prints to stdout, ignoring a closed pipe.
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
 mod output;
 
 use std::path::{Path, PathBuf};
@@ -266,25 +282,29 @@ fn read_file(path: &Path, what: &str) -> Result<String> {
 }
 
 fn init(cli: &Cli, args: &InitArgs, now: OffsetDateTime) -> Result<()> {
-    let mut wrote_config = false;
-    if !cli.config.exists() {
+    // With no config file, init writes a starter one, but only once the state is saved.
+    let new_config = !cli.config.exists();
+    let loaded = if new_config {
         let mut config = Config::default();
         if let Some(td) = &args.trust_domain {
             config.trust_domain = td.clone();
         }
         config.validate(&cli.config.display().to_string())?;
-        write_config(&cli.config, &config)?;
-        wrote_config = true;
+        Loaded {
+            config,
+            path: cli.config.clone(),
+        }
     } else if args.trust_domain.is_some() {
         bail!(
             "--trust-domain only applies when init writes a new config; edit {} instead",
             cli.config.display()
         );
-    }
-    let loaded = load_config(cli)?;
+    } else {
+        load_config(cli)?
+    };
     let store = store_for(&loaded);
     let backend = backend_for(&loaded);
-    let _guard = store.lock()?;
+    // Refuse early when initialised, and build the whole new state before touching the store.
     if store.load()?.is_some() {
         return Err(state::Error::AlreadyInitialized(store.location()).into());
     }
@@ -298,12 +318,25 @@ fn init(cli: &Cli, args: &InitArgs, now: OffsetDateTime) -> Result<()> {
         _ => ca::init_generated(&mut state, &loaded.config, backend.as_ref(), now)?,
     }
     state.revision = 1;
+    let _guard = store.lock()?;
+    // Re-check under the lock: another process may have initialised in the meantime (the
+    // compare-and-swap in `save` would refuse too).
+    if store.load()?.is_some() {
+        return Err(state::Error::AlreadyInitialized(store.location()).into());
+    }
     store.save(&state)?;
+    if new_config {
+        if let Some(parent) = cli.config.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        write_config(&cli.config, &loaded.config)?;
+    }
     let root = state.signing_root().ok_or(ca::Error::NoRoot)?;
     let info = pki::cert::CertInfo::from_pem_first(&root.cert_pem)?;
     output::init(
         cli.output,
-        wrote_config.then_some(&*cli.config),
+        new_config.then_some(&*cli.config),
         &store.location(),
         root,
         &info,
@@ -353,10 +386,10 @@ fn cluster_list(cli: &Cli) -> Result<()> {
     match cli.output {
         OutputFormat::Text => {
             for n in &names {
-                println!("{n}");
+                outln!("{n}");
             }
         }
-        OutputFormat::Json => println!("{}", serde_json::json!({ "clusters": names })),
+        OutputFormat::Json => outln!("{}", serde_json::json!({ "clusters": names })),
     }
     Ok(())
 }
@@ -404,11 +437,11 @@ fn bundle(cli: &Cli, format: BundleFormat) -> Result<()> {
     let state = load_state(store.as_ref())?;
     let roots = ca::bundle_roots(&state)?;
     match format {
-        BundleFormat::Pem => print!("{}", crate::bundle::pem(&roots)),
+        BundleFormat::Pem => out!("{}", crate::bundle::pem(&roots)),
         BundleFormat::Spiffe => {
             let refresh = loaded.config.workload.default_ttl.as_secs() / 2;
             let json = crate::bundle::spiffe_json(&roots, state.revision, refresh)?;
-            println!("{}", serde_json::to_string_pretty(&json)?);
+            outln!("{}", serde_json::to_string_pretty(&json)?);
         }
     }
     Ok(())
@@ -491,7 +524,7 @@ fn verify(cli: &Cli, dir: &Path, now: OffsetDateTime) -> Result<()> {
 fn inspect(file: &Path, now: OffsetDateTime) -> Result<()> {
     let text = read_file(file, "file")?;
     let out = pki::inspect::describe_pem(&text, now).with_context(|| file.display().to_string())?;
-    print!("{out}");
+    out!("{out}");
     Ok(())
 }
 

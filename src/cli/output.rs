@@ -21,8 +21,8 @@ fn ts(t: OffsetDateTime) -> String {
 
 pub(super) fn message(format: OutputFormat, text: &str, json: Value) {
     match format {
-        OutputFormat::Text => println!("{text}"),
-        OutputFormat::Json => println!("{json}"),
+        OutputFormat::Text => outln!("{text}"),
+        OutputFormat::Json => outln!("{json}"),
     }
 }
 
@@ -36,9 +36,9 @@ pub(super) fn init(
     match format {
         OutputFormat::Text => {
             if let Some(p) = wrote_config {
-                println!("wrote starter config {}", p.display());
+                outln!("wrote starter config {}", p.display());
             }
-            println!(
+            outln!(
                 "root {} ({:?}): {}\n  serial {}\n  not after {}\n  sha256 {}\nstate in {store}",
                 root.id,
                 root.origin,
@@ -48,7 +48,7 @@ pub(super) fn init(
                 info.sha256
             );
         }
-        OutputFormat::Json => println!(
+        OutputFormat::Json => outln!(
             "{}",
             json!({
                 "config_written": wrote_config,
@@ -70,13 +70,13 @@ pub(super) fn issued(
 ) {
     let days = (r.not_after - now).whole_days();
     match format {
-        OutputFormat::Text => println!(
+        OutputFormat::Text => outln!(
             "cluster {cluster}: new intermediate serial {} signed by {}, not after {} ({days} days)",
             r.serial,
             r.root_id,
             ts(r.not_after)
         ),
-        OutputFormat::Json => println!(
+        OutputFormat::Json => outln!(
             "{}",
             json!({"cluster": cluster, "serial": r.serial, "root": r.root_id,
                    "not_after": ts(r.not_after), "days_left": days})
@@ -95,9 +95,9 @@ pub(super) fn signed(
     match format {
         OutputFormat::Text => {
             if chain_to_stdout {
-                print!("{}", issued.chain_pem());
+                out!("{}", issued.chain_pem());
             } else {
-                println!(
+                outln!(
                     "signed {} for {} with {cluster}'s intermediate, not after {}{}",
                     leaf.serial_hex,
                     approved.identity,
@@ -110,7 +110,7 @@ pub(super) fn signed(
                 );
             }
         }
-        OutputFormat::Json => println!(
+        OutputFormat::Json => outln!(
             "{}",
             json!({
                 "cluster": cluster,
@@ -130,14 +130,14 @@ pub(super) fn checks(format: OutputFormat, dir: &Path, checks: &[Check]) {
     match format {
         OutputFormat::Text => {
             for c in checks {
-                println!(
+                outln!(
                     "{} {}: {}",
                     if c.ok { "PASS" } else { "FAIL" },
                     c.name,
                     c.detail
                 );
             }
-            println!(
+            outln!(
                 "verdict: {} ({})",
                 if ok {
                     "istiod would load these cacerts"
@@ -147,7 +147,7 @@ pub(super) fn checks(format: OutputFormat, dir: &Path, checks: &[Check]) {
                 dir.display()
             );
         }
-        OutputFormat::Json => println!("{}", json!({"dir": dir, "ok": ok, "checks": checks})),
+        OutputFormat::Json => outln!("{}", json!({"dir": dir, "ok": ok, "checks": checks})),
     }
 }
 
@@ -189,15 +189,16 @@ pub(super) fn status(
         "clusters": clusters,
     });
     match format {
-        OutputFormat::Json => println!("{doc}"),
+        OutputFormat::Json => outln!("{doc}"),
         OutputFormat::Text => {
-            println!(
+            outln!(
                 "trust domain {}  (state revision {})",
-                loaded.config.trust_domain, state.revision
+                loaded.config.trust_domain,
+                state.revision
             );
-            println!("roots:");
+            outln!("roots:");
             for r in &roots {
-                println!(
+                outln!(
                     "  {:<8} {:<8} serial {}  not after {}  ({} days left)",
                     r["id"].as_str().unwrap_or("?"),
                     r["status"].as_str().unwrap_or("?"),
@@ -206,15 +207,15 @@ pub(super) fn status(
                     r["days_left"]
                 );
             }
-            println!("clusters:");
+            outln!("clusters:");
             if clusters.is_empty() {
-                println!("  (none; add one with `cactl cluster add NAME`)");
+                outln!("  (none; add one with `cactl cluster add NAME`)");
             }
             for c in &clusters {
                 let name = c["name"].as_str().unwrap_or("?");
                 match c["intermediate"].as_object() {
-                    None => println!("  {name:<16} no intermediate (run `cactl issue {name}`)"),
-                    Some(i) => println!(
+                    None => outln!("  {name:<16} no intermediate (run `cactl issue {name}`)"),
+                    Some(i) => outln!(
                         "  {name:<16} serial {}  root {}  not after {}  ({} days left)",
                         i["serial"].as_str().unwrap_or("?"),
                         i["root"].as_str().unwrap_or("?"),

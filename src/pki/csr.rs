@@ -83,12 +83,6 @@ pub fn parse_and_verify(der: &[u8]) -> Result<ParsedCsr, Error> {
         sig_oid.as_str(),
         "1.2.840.113549.1.1.5" | "1.3.14.3.2.29" | "1.2.840.10045.4.1"
     );
-    csr.verify_signature().map_err(|e| match e {
-        x509_parser::error::X509Error::SignatureUnsupportedAlgorithm => {
-            Error::Csr(format!("unsupported CSR signature algorithm {sig_oid}"))
-        }
-        _ => Error::CsrSignature,
-    })?;
     let info = &csr.certification_request_info;
     let spki = &info.subject_pki;
     let key = if spki.algorithm.algorithm == OID_PKCS1_RSAENCRYPTION {
@@ -112,6 +106,20 @@ pub fn parse_and_verify(der: &[u8]) -> Result<ParsedCsr, Error> {
     } else {
         CsrKey::Other
     };
+
+    // Report a short RSA key as such: the signature check below would only say that it
+    // does not verify (ring refuses RSA keys under 2048 bits).
+    if let CsrKey::Rsa(bits) = key
+        && bits < 2048
+    {
+        return Err(Error::WeakKey(format!("RSA-{bits}")));
+    }
+    csr.verify_signature().map_err(|e| match e {
+        x509_parser::error::X509Error::SignatureUnsupportedAlgorithm => {
+            Error::Csr(format!("unsupported CSR signature algorithm {sig_oid}"))
+        }
+        _ => Error::CsrSignature,
+    })?;
 
     let mut subject_attributes = 0;
     let mut subject_all_empty = true;

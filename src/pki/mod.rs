@@ -34,6 +34,9 @@ pub enum Error {
     /// The CSR's self-signature does not verify.
     #[error("CSR signature does not verify")]
     CsrSignature,
+    /// A key too weak to accept.
+    #[error("weak key: {0} (RSA keys need at least 2048 bits)")]
+    WeakKey(String),
     /// A private key could not be decoded or is of an unsupported kind.
     #[error("unsupported or malformed private key: {0}")]
     Key(String),

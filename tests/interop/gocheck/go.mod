@@ -1,0 +1,3 @@
+module cactl.test/gocheck
+
+go 1.19
