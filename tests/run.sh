@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Runs the whole test suite from a fresh checkout. Installs what the interop tests need first:
+#   - openssl and Go (Debian packages) for `openssl verify` and the crypto/x509 checker,
+#   - a Python venv with pkilint (and the other Python oracles in tests/interop/requirements.txt).
+# Tools go under target/test-tools (override with CACTL_TEST_TOOLS). Set CACTL_SKIP_LINT=1 to
+# skip the rustfmt/clippy gate.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+TOOLS="${CACTL_TEST_TOOLS:-$ROOT/target/test-tools}"
+mkdir -p "$TOOLS"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  log "installing Debian packages: $*"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "$@" >/dev/null
+}
+
+missing=()
+command -v openssl >/dev/null || missing+=(openssl)
+command -v go >/dev/null || missing+=(golang-go)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
+
+# Python oracles in a venv, reinstalled when the requirements change.
+REQ=tests/interop/requirements.txt
+if [ ! -f "$TOOLS/venv/.req" ] || ! cmp -s "$REQ" "$TOOLS/venv/.req"; then
+  log "creating Python venv with $(tr '\n' ' ' < "$REQ" | sed 's/#[^ ]*//g')"
+  rm -rf "$TOOLS/venv"
+  python3 -m venv "$TOOLS/venv"
+  "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check -r "$REQ"
+  cp "$REQ" "$TOOLS/venv/.req"
+fi
+
+# The Go crypto/x509 checker: standard library only, builds offline.
+log "building the Go crypto/x509 checker"
+(cd tests/interop/gocheck && GOFLAGS=-mod=mod GOPROXY=off GOCACHE="$TOOLS/gocache" go build -o "$TOOLS/gocheck" .)
+
+export CACTL_GOCHECK="$TOOLS/gocheck"
+export CACTL_PKILINT="$TOOLS/venv/bin/lint_pkix_cert"
+export CACTL_PYTHON="$TOOLS/venv/bin/python"
+export CACTL_REQUIRE_INTEROP=1
+
+if [ -z "${CACTL_SKIP_LINT:-}" ]; then
+  log "cargo fmt --check / clippy"
+  cargo fmt --all -- --check
+  cargo clippy --locked --all-targets -- -D warnings
+fi
+
+log "cargo test"
+cargo test --locked --all-targets
