@@ -13,7 +13,13 @@ use common::{Env, gocheck, openssl, pkilint, tool};
 /// pkilint's URI validator does not know the `spiffe` scheme's authority rules.
 const WAIVED: &[&str] = &["pkix.invalid_uri_syntax"];
 
-fn assert_openssl_verifies(dir: &Path, roots: &str, untrusted: Option<&str>, cert: &str, purpose: Option<&str>) {
+fn assert_openssl_verifies(
+    dir: &Path,
+    roots: &str,
+    untrusted: Option<&str>,
+    cert: &str,
+    purpose: Option<&str>,
+) {
     let mut args = vec!["verify", "-x509_strict", "-CAfile", roots];
     if let Some(u) = untrusted {
         args.extend(["-untrusted", u]);
@@ -34,12 +40,20 @@ fn assert_pkilint_clean(env: &Env, pem_rel: &str) {
     for (i, der) in ders.iter().enumerate() {
         let name = format!("{}.{i}.der", pem_rel.replace('/', "_"));
         env.write(&name, der);
-        let (_, out) = tool(&lint, &["lint", "-s", "ERROR", "-f", "JSON", &name], env.dir.path());
+        let (_, out) = tool(
+            &lint,
+            &["lint", "-s", "ERROR", "-f", "JSON", &name],
+            env.dir.path(),
+        );
         let findings: serde_json::Value = serde_json::from_str(&out)
             .unwrap_or_else(|e| panic!("pkilint output is not JSON ({e}): {out}"));
         let mut bad = Vec::new();
         for result in findings["results"].as_array().expect("results array") {
-            for f in result["finding_descriptions"].as_array().into_iter().flatten() {
+            for f in result["finding_descriptions"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
                 let code = f["code"].as_str().unwrap_or("?");
                 let sev = f["severity"].as_str().unwrap_or("?");
                 if matches!(sev, "ERROR" | "FATAL") && !WAIVED.contains(&code) {
@@ -71,16 +85,40 @@ fn check_workloads(env: &Env, cluster: &str, trust_domain: &str) {
         }
         env.ok(&["sign", "--cluster", cluster, "--csr", &csr, "--out", &chain]);
         let roots = format!("{dir}/root-cert.pem");
-        assert_openssl_verifies(env.dir.path(), &roots, Some(&chain), &chain, Some("sslclient"));
-        assert_openssl_verifies(env.dir.path(), &roots, Some(&chain), &chain, Some("sslserver"));
+        assert_openssl_verifies(
+            env.dir.path(),
+            &roots,
+            Some(&chain),
+            &chain,
+            Some("sslclient"),
+        );
+        assert_openssl_verifies(
+            env.dir.path(),
+            &roots,
+            Some(&chain),
+            &chain,
+            Some("sslserver"),
+        );
         go(env, &["leaf", &chain, &roots, id]);
         assert_pkilint_clean(env, &chain);
         // The leaf's keyUsage follows the key type.
-        let leaf = common::openssl(&["x509", "-in", &chain, "-noout", "-ext", "keyUsage"], env.dir.path());
+        let leaf = common::openssl(
+            &["x509", "-in", &chain, "-noout", "-ext", "keyUsage"],
+            env.dir.path(),
+        );
         if key.starts_with("rsa") {
-            assert!(leaf.stdout.contains("Digital Signature, Key Encipherment"), "{}", leaf.stdout);
+            assert!(
+                leaf.stdout.contains("Digital Signature, Key Encipherment"),
+                "{}",
+                leaf.stdout
+            );
         } else {
-            assert!(leaf.stdout.contains("Digital Signature") && !leaf.stdout.contains("Key Encipherment"), "{}", leaf.stdout);
+            assert!(
+                leaf.stdout.contains("Digital Signature")
+                    && !leaf.stdout.contains("Key Encipherment"),
+                "{}",
+                leaf.stdout
+            );
         }
     }
 }
@@ -88,7 +126,13 @@ fn check_workloads(env: &Env, cluster: &str, trust_domain: &str) {
 fn check_cacerts(env: &Env, cluster: &str) {
     let dir = format!("out/{cluster}");
     let roots = format!("{dir}/root-cert.pem");
-    assert_openssl_verifies(env.dir.path(), &roots, Some(&format!("{dir}/cert-chain.pem")), &format!("{dir}/ca-cert.pem"), None);
+    assert_openssl_verifies(
+        env.dir.path(),
+        &roots,
+        Some(&format!("{dir}/cert-chain.pem")),
+        &format!("{dir}/ca-cert.pem"),
+        None,
+    );
     assert_openssl_verifies(env.dir.path(), &roots, None, &roots, None);
     assert_pkilint_clean(env, &roots);
     assert_pkilint_clean(env, &format!("{dir}/ca-cert.pem"));
@@ -102,7 +146,9 @@ fn run_profile(config: &str) {
     let env = Env::new();
     env.write("cactl.yaml", config);
     env.mesh(&["east", "west"]);
-    let td = cactl::config::Config::parse(config, "t").unwrap().trust_domain;
+    let td = cactl::config::Config::parse(config, "t")
+        .unwrap()
+        .trust_domain;
     for c in ["east", "west"] {
         check_cacerts(&env, c);
         check_workloads(&env, c, &td);
@@ -160,12 +206,43 @@ fn name_constraint_blocks_foreign_trust_domain_in_go_and_openssl() {
         &rng,
     )
     .unwrap();
-    env.write("evil.pem", format!("{}{}", cactl::pki::pem::encode_cert(&leaf), int_pem));
-    let r = openssl(&["verify", "-x509_strict", "-CAfile", "out/east/root-cert.pem", "-untrusted", "evil.pem", "evil.pem"], env.dir.path());
-    assert_ne!(r.code, 0, "openssl accepted a leaf outside the name constraint");
-    assert!(format!("{}{}", r.stdout, r.stderr).contains("permitted subtree violation"), "{}{}", r.stdout, r.stderr);
+    env.write(
+        "evil.pem",
+        format!("{}{}", cactl::pki::pem::encode_cert(&leaf), int_pem),
+    );
+    let r = openssl(
+        &[
+            "verify",
+            "-x509_strict",
+            "-CAfile",
+            "out/east/root-cert.pem",
+            "-untrusted",
+            "evil.pem",
+            "evil.pem",
+        ],
+        env.dir.path(),
+    );
+    assert_ne!(
+        r.code, 0,
+        "openssl accepted a leaf outside the name constraint"
+    );
+    assert!(
+        format!("{}{}", r.stdout, r.stderr).contains("permitted subtree violation"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
     if let Some(bin) = gocheck() {
-        let (code, out) = tool(&bin, &["leaf", "evil.pem", "out/east/root-cert.pem", "spiffe://evil.example/ns/a/sa/b"], env.dir.path());
+        let (code, out) = tool(
+            &bin,
+            &[
+                "leaf",
+                "evil.pem",
+                "out/east/root-cert.pem",
+                "spiffe://evil.example/ns/a/sa/b",
+            ],
+            env.dir.path(),
+        );
         assert_ne!(code, 0, "Go accepted a leaf outside the name constraint");
         assert!(out.contains("constraint"), "{out}");
     }
@@ -178,7 +255,11 @@ fn multi_root_bundle_loads_in_go_openssl_and_verify() {
     let other = Env::new();
     other.mesh(&["east"]);
     // root-cert.pem = an unrelated root first, then ours (order must not matter).
-    let combined = format!("{}{}", other.read("out/east/root-cert.pem"), env.read("out/east/root-cert.pem"));
+    let combined = format!(
+        "{}{}",
+        other.read("out/east/root-cert.pem"),
+        env.read("out/east/root-cert.pem")
+    );
     env.write("out/east/root-cert.pem", &combined);
     check_cacerts(&env, "east");
     let v = env.ok(&["verify", "out/east"]);
@@ -190,22 +271,60 @@ fn multi_root_bundle_loads_in_go_openssl_and_verify() {
 fn imported_roots_from_openssl() {
     // SEC1 EC key and PKCS#1 RSA key, as older tooling writes them.
     for (genkey, label) in [
-        (vec!["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "root.key"], "EC"),
-        (vec!["genrsa", "-traditional", "-out", "root.key", "3072"], "RSA"),
+        (
+            vec![
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "root.key",
+            ],
+            "EC",
+        ),
+        (
+            vec!["genrsa", "-traditional", "-out", "root.key", "3072"],
+            "RSA",
+        ),
     ] {
         let env = Env::new();
         let r = openssl(&genkey, env.dir.path());
         assert_eq!(r.code, 0, "{}", r.stderr);
         let key_text = env.read("root.key");
-        assert!(key_text.contains(&format!("BEGIN {label} PRIVATE KEY")), "{key_text}");
+        assert!(
+            key_text.contains(&format!("BEGIN {label} PRIVATE KEY")),
+            "{key_text}"
+        );
         let r = openssl(
-            &["req", "-x509", "-new", "-key", "root.key", "-subj", "/O=Corp/CN=Corp Mesh Root", "-days", "3650", "-out", "root.pem",
-              "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            &[
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                "root.key",
+                "-subj",
+                "/O=Corp/CN=Corp Mesh Root",
+                "-days",
+                "3650",
+                "-out",
+                "root.pem",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
             env.dir.path(),
         );
         assert_eq!(r.code, 0, "{}", r.stderr);
         env.write("cactl.yaml", "");
-        env.ok(&["init", "--import-cert", "root.pem", "--import-key", "root.key"]);
+        env.ok(&[
+            "init",
+            "--import-cert",
+            "root.pem",
+            "--import-key",
+            "root.key",
+        ]);
         env.ok(&["cluster", "add", "east"]);
         env.ok(&["issue", "east"]);
         env.ok(&["export", "east", "--out", "out"]);
@@ -228,13 +347,25 @@ fn keys_example_is_valid() {
             .arg(&dir)
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
         if let Some(bin) = gocheck() {
             let (code, out) = tool(&bin, &["cacerts", dir.to_str().unwrap()], &root);
             assert_eq!(code, 0, "{out}");
         }
         let r = openssl(
-            &["verify", "-x509_strict", "-CAfile", "root-cert.pem", "-untrusted", &format!("{cluster}/cert-chain.pem"), &format!("{cluster}/ca-cert.pem")],
+            &[
+                "verify",
+                "-x509_strict",
+                "-CAfile",
+                "root-cert.pem",
+                "-untrusted",
+                &format!("{cluster}/cert-chain.pem"),
+                &format!("{cluster}/ca-cert.pem"),
+            ],
             &root,
         );
         assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
