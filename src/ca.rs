@@ -238,10 +238,13 @@ pub fn cacerts(state: &State, config: &Config, cluster: &str) -> Result<CaCerts,
 #[derive(Debug)]
 pub struct ClusterIssuer {
     signer: CaSigner,
+    info: CertInfo,
     /// Intermediates above the leaf, each one element (DER), nearest first; excludes roots.
     intermediates: Vec<Vec<u8>>,
     /// The whole trust bundle.
     roots: Vec<Vec<u8>>,
+    /// PEM of each intermediate, then the bundle as one PEM text (Istio's response tail).
+    response_tail: Vec<String>,
     rng: SystemRandom,
 }
 
@@ -278,21 +281,54 @@ impl Issued {
 }
 
 impl ClusterIssuer {
-    /// Loads the issuer of `cluster` from state.
+    /// Loads the issuer of `cluster` from state, verifying its chain to the bundle at `now`
+    /// and signing and verifying a self-test certificate.
     pub fn load(state: &State, config: &Config, cluster: &str) -> Result<Self, Error> {
+        Self::load_at(state, config, cluster, OffsetDateTime::now_utc())
+    }
+
+    /// [`Self::load`] with an explicit time.
+    pub fn load_at(
+        state: &State,
+        config: &Config,
+        cluster: &str,
+        now: OffsetDateTime,
+    ) -> Result<Self, Error> {
         let record = current(state, config, cluster)?;
         let key = SecretKey::from_pem(record.key_pem.expose())?;
         let cert = pem::certificates(&record.cert_pem)?;
+        let info = CertInfo::from_der(&cert[0])?;
         let signer = CaSigner::new(&cert[0], key)?;
         let roots = bundle_roots(state)?;
         let chain = chain_of(state, record)?;
-        let intermediates = chain.into_iter().filter(|d| !roots.contains(d)).collect();
-        Ok(Self {
+        let intermediates: Vec<Vec<u8>> =
+            chain.into_iter().filter(|d| !roots.contains(d)).collect();
+        chain::verify(&intermediates, &roots, now)?;
+        let mut response_tail: Vec<String> =
+            intermediates.iter().map(|d| pem::encode_cert(d)).collect();
+        response_tail.push(crate::bundle::pem(&roots));
+        let issuer = Self {
             signer,
+            info,
             intermediates,
             roots,
+            response_tail,
             rng: SystemRandom::new(),
-        })
+        };
+        // Self-test: the key signs, and what it signs verifies up to the bundle.
+        let probe = crate::policy::Approved {
+            identity: crate::pki::spiffe::SpiffeId::new(
+                &config.trust_domain,
+                "cactl-selftest",
+                "cactl",
+            )?,
+            spki: SecretKey::generate(crate::pki::key::KeyAlgorithm::EcdsaP256)?.public_key_spki(),
+            rsa_key: false,
+            ttl: time::Duration::minutes(1),
+            ttl_clamped: false,
+        };
+        issuer.issue_verified(&probe, now, true)?;
+        Ok(issuer)
     }
 
     /// NotAfter of the intermediate.
@@ -300,8 +336,49 @@ impl ClusterIssuer {
         self.signer.not_after()
     }
 
-    /// Signs an approved request and verifies the result against the bundle before returning.
+    /// Serial of the intermediate (hex).
+    pub fn serial(&self) -> &str {
+        &self.info.serial_hex
+    }
+
+    /// The signer (for serving certificates).
+    pub fn signer(&self) -> &CaSigner {
+        &self.signer
+    }
+
+    /// Intermediates (DER) above a leaf, nearest first.
+    pub fn intermediates(&self) -> &[Vec<u8>] {
+        &self.intermediates
+    }
+
+    /// The trust bundle (DER roots).
+    pub fn roots(&self) -> &[Vec<u8>] {
+        &self.roots
+    }
+
+    /// Istio's response for a leaf: `[leaf, intermediates…, bundle]`, from cached PEM.
+    pub fn response_chain(&self, leaf: &[u8]) -> Vec<String> {
+        let mut out = Vec::with_capacity(self.response_tail.len() + 1);
+        out.push(pem::encode_cert(leaf));
+        out.extend(self.response_tail.iter().cloned());
+        out
+    }
+
+    /// Signs an approved request and verifies every signature of the result up to the bundle.
     pub fn issue(&self, approved: &Approved, now: OffsetDateTime) -> Result<Issued, Error> {
+        self.issue_verified(approved, now, true)
+    }
+
+    /// Signs an approved request and checks the result before returning it: with `full`,
+    /// every signature up to the bundle; otherwise the leaf's place in this issuer's chain
+    /// (issuer name, key identifier, validity, public key, identity), the chain itself having
+    /// been verified cryptographically when the issuer was loaded.
+    pub fn issue_verified(
+        &self,
+        approved: &Approved,
+        now: OffsetDateTime,
+        full: bool,
+    ) -> Result<Issued, Error> {
         let spec = LeafSpec {
             identity: approved.identity.clone(),
             now,
@@ -309,9 +386,28 @@ impl ClusterIssuer {
             rsa_key: approved.rsa_key,
         };
         let leaf = template::sign_leaf(&spec, &approved.spki, &self.signer, &self.rng)?;
-        let mut path = vec![leaf.clone()];
-        path.extend(self.intermediates.iter().cloned());
-        chain::verify(&path, &self.roots, now)?;
+        if full {
+            let mut path = Vec::with_capacity(self.intermediates.len() + 1);
+            path.push(leaf.clone());
+            path.extend(self.intermediates.iter().cloned());
+            chain::verify(&path, &self.roots, now)?;
+        } else {
+            let l = CertInfo::from_der(&leaf)?;
+            let ok = l.issuer_raw == self.info.subject_raw
+                && l.aki.is_some()
+                && l.aki == self.info.ski
+                && l.not_after <= self.info.not_after
+                && l.not_before >= self.info.not_before
+                && l.spki == approved.spki
+                && l.uris.len() == 1
+                && l.uris[0] == approved.identity.to_string()
+                && l.ca.is_none();
+            if !ok {
+                return Err(Error::Inconsistent(
+                    "issued certificate does not fit its issuer".into(),
+                ));
+            }
+        }
         Ok(Issued {
             leaf,
             intermediates: self.intermediates.clone(),

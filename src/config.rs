@@ -65,8 +65,128 @@ pub struct Config {
     pub workload: WorkloadConfig,
     /// Where state is kept.
     pub state: StateConfig,
+    /// The signing service (`cactl serve`).
+    pub serve: ServeConfig,
     /// Member clusters.
     pub clusters: Vec<ClusterConfig>,
+}
+
+/// Settings of `cactl serve`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServeConfig {
+    /// gRPC over TLS (`IstioCertificateService`).
+    pub listen: String,
+    /// Prometheus metrics, `/healthz` and `/readyz` (plain HTTP).
+    pub metrics_listen: String,
+    /// Plaintext h2c gRPC listener, for tests only; off unless set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plaintext_listen: Option<String>,
+    /// DNS names in the serving certificate (what `caAddress` points at).
+    pub dns_names: Vec<String>,
+    /// Cluster whose intermediate issues the serving certificate (default: the first cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub serving_cluster: Option<String>,
+    /// Lifetime of the serving certificate; renewed at two thirds of it, without a restart.
+    #[serde(with = "humantime_serde")]
+    pub serving_cert_lifetime: StdDuration,
+    /// Cluster assumed when a request carries no `clusterid` header (default: the first cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_cluster: Option<String>,
+    /// Accepted token audiences (Istio: `TOKEN_AUDIENCES`).
+    pub audiences: Vec<String>,
+    /// Service accounts (`namespace/name`) allowed to request certificates for other
+    /// identities on their node (ztunnel).
+    pub trusted_node_accounts: Vec<String>,
+    /// Largest accepted request, in bytes; larger ones are refused before parsing.
+    pub max_message_bytes: usize,
+    /// Verified tokens kept (bounded cache); 0 disables the cache.
+    pub token_cache_entries: u64,
+    /// Clock skew tolerated on token `exp`/`nbf`.
+    #[serde(with = "humantime_serde")]
+    pub clock_skew: StdDuration,
+    /// How each issued chain is checked before it is sent: `full` verifies every signature,
+    /// `structural` verifies the issuer chain cryptographically whenever issuers load and
+    /// checks each leaf's place in it (issuer name, key identifier, validity, public key).
+    pub verify_issued: VerifyIssued,
+    /// How often the state store is polled for new intermediates (hot swap).
+    #[serde(with = "humantime_serde")]
+    pub reload_interval: StdDuration,
+}
+
+/// See [`ServeConfig::verify_issued`].
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum VerifyIssued {
+    /// Every signature of every chain.
+    Full,
+    /// Issuer chains cryptographically at load, each leaf structurally.
+    Structural,
+}
+
+impl Default for ClusterAuth {
+    fn default() -> Self {
+        Self {
+            issuer: None,
+            audiences: Vec::new(),
+            jwks_file: None,
+            jwks_url: None,
+            jwks_ca_file: None,
+            dev_issuer: false,
+            jwks_refresh: StdDuration::from_secs(300),
+        }
+    }
+}
+
+impl Default for ServeConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:15012".into(),
+            metrics_listen: "0.0.0.0:15014".into(),
+            plaintext_listen: None,
+            dns_names: vec![
+                "cactl.cactl-system.svc".into(),
+                "cactl.cactl-system.svc.cluster.local".into(),
+            ],
+            serving_cluster: None,
+            serving_cert_lifetime: StdDuration::from_secs(24 * 3600),
+            default_cluster: None,
+            audiences: vec!["istio-ca".into()],
+            trusted_node_accounts: vec!["istio-system/ztunnel".into()],
+            max_message_bytes: 64 * 1024,
+            token_cache_entries: 100_000,
+            clock_skew: StdDuration::from_secs(60),
+            verify_issued: VerifyIssued::Structural,
+            reload_interval: StdDuration::from_secs(10),
+        }
+    }
+}
+
+/// How workloads of a cluster authenticate to `cactl serve`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterAuth {
+    /// Expected `iss` of service-account tokens (the cluster's `--service-account-issuer`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    /// Audiences for this cluster (default: `serve.audiences`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    /// JWKS file (the output of `kubectl get --raw /openid/v1/jwks`); re-read periodically.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_file: Option<PathBuf>,
+    /// JWKS URL (e.g. the issuer's `/openid/v1/jwks`); fetched periodically.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_url: Option<String>,
+    /// CA bundle (PEM) for the JWKS URL's TLS, in addition to the system roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwks_ca_file: Option<PathBuf>,
+    /// Trust tokens from cactl's local development issuer (`cactl dev-token`). Demos only.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub dev_issuer: bool,
+    /// How often JWKS are refreshed (also on an unknown `kid`).
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh: StdDuration,
 }
 
 /// Root backend selection.
@@ -137,8 +257,21 @@ pub enum StoreKind {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// Cluster name (Istio's cluster ID is a good choice).
+    /// Cluster name: Istio's cluster ID (the `clusterid` header istio-agent sends).
     pub name: String,
+    /// How this cluster's workloads authenticate to `cactl serve`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<ClusterAuth>,
+}
+
+impl ClusterConfig {
+    /// A cluster with no signing-service settings.
+    pub fn named(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            auth: None,
+        }
+    }
 }
 
 impl Default for Config {
@@ -150,6 +283,7 @@ impl Default for Config {
             intermediate: IntermediateConfig::default(),
             workload: WorkloadConfig::default(),
             state: StateConfig::default(),
+            serve: ServeConfig::default(),
             clusters: Vec::new(),
         }
     }
@@ -295,6 +429,86 @@ impl Config {
                 "must not exceed intermediate.lifetime".into(),
             ));
         }
+        for (field, addr) in [
+            ("serve.listen", Some(&self.serve.listen)),
+            ("serve.metrics_listen", Some(&self.serve.metrics_listen)),
+            (
+                "serve.plaintext_listen",
+                self.serve.plaintext_listen.as_ref(),
+            ),
+        ] {
+            if let Some(a) = addr {
+                a.parse::<std::net::SocketAddr>().map_err(|_| {
+                    invalid(field, format!("{a:?} is not an address like 0.0.0.0:15012"))
+                })?;
+            }
+        }
+        if self.serve.dns_names.is_empty() {
+            return Err(invalid(
+                "serve.dns_names",
+                "must name at least one DNS name".into(),
+            ));
+        }
+        for a in &self.serve.trusted_node_accounts {
+            match a.split_once('/') {
+                Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {}
+                _ => {
+                    return Err(invalid(
+                        "serve.trusted_node_accounts",
+                        format!("{a:?} is not namespace/serviceaccount"),
+                    ));
+                }
+            }
+        }
+        if self.serve.max_message_bytes < 1024 {
+            return Err(invalid(
+                "serve.max_message_bytes",
+                "must be at least 1024".into(),
+            ));
+        }
+        if self.serve.serving_cert_lifetime < StdDuration::from_secs(600) {
+            return Err(invalid(
+                "serve.serving_cert_lifetime",
+                "must be at least 10m".into(),
+            ));
+        }
+        for (field, name) in [
+            ("serve.serving_cluster", &self.serve.serving_cluster),
+            ("serve.default_cluster", &self.serve.default_cluster),
+        ] {
+            if let Some(n) = name
+                && self.cluster(n).is_none()
+            {
+                return Err(invalid(field, format!("cluster {n:?} is not declared")));
+            }
+        }
+        for c in &self.clusters {
+            if let Some(auth) = &c.auth {
+                if auth.jwks_file.is_some() && auth.jwks_url.is_some() {
+                    return Err(invalid(
+                        "clusters.auth",
+                        format!("cluster {:?}: set jwks_file or jwks_url, not both", c.name),
+                    ));
+                }
+                if (auth.jwks_file.is_some() || auth.jwks_url.is_some()) && auth.issuer.is_none() {
+                    return Err(invalid(
+                        "clusters.auth.issuer",
+                        format!(
+                            "cluster {:?}: the token issuer must be set with a JWKS",
+                            c.name
+                        ),
+                    ));
+                }
+                if let Some(u) = &auth.jwks_url
+                    && !(u.starts_with("https://") || u.starts_with("http://"))
+                {
+                    return Err(invalid(
+                        "clusters.auth.jwks_url",
+                        format!("cluster {:?}: {u:?} is not an http(s) URL", c.name),
+                    ));
+                }
+            }
+        }
         let mut seen = std::collections::BTreeSet::new();
         for c in &self.clusters {
             validate_cluster_name(&c.name).map_err(|r| invalid("clusters", r))?;
@@ -335,20 +549,23 @@ fn first_line(msg: &str) -> String {
     line.strip_prefix("error: ").unwrap_or(line).to_owned()
 }
 
-/// Cluster names become Kubernetes-ish labels and directory names: DNS-1123 labels.
+/// Cluster names are Istio cluster IDs (the `clusterid` header, default `Kubernetes`) and also
+/// directory names and label values: 1-63 ASCII letters, digits, '-', '_' or '.', starting and
+/// ending with a letter or digit.
 pub fn validate_cluster_name(name: &str) -> Result<(), String> {
+    let bytes = name.as_bytes();
     let ok = !name.is_empty()
         && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !name.starts_with('-')
-        && !name.ends_with('-');
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric);
     if ok {
         Ok(())
     } else {
         Err(format!(
-            "invalid cluster name {name:?}: use 1-63 lower-case letters, digits and '-', not starting or ending with '-'"
+            "invalid cluster name {name:?}: use 1-63 letters, digits, '-', '_' and '.', starting and ending with a letter or digit"
         ))
     }
 }
@@ -425,7 +642,7 @@ mod tests {
                 "workload:\n  default_ttl: 3d\n  max_ttl: 1d\n",
                 "workload.default_ttl",
             ),
-            ("clusters:\n  - name: East\n", "invalid cluster name"),
+            ("clusters:\n  - name: -east\n", "invalid cluster name"),
             ("clusters:\n  - name: a\n  - name: a\n", "listed twice"),
             ("unknown_key: 1\n", "unknown"),
             (

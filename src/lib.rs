@@ -6,14 +6,21 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod authority;
 pub mod backend;
 pub mod bundle;
 pub mod ca;
 pub mod cacerts;
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod devtoken;
 pub mod fsutil;
+pub mod grpc;
 pub mod pki;
 pub mod policy;
 pub mod secret;
+pub mod serve;
 pub mod state;
+pub mod telemetry;
+pub mod tls;

@@ -89,9 +89,9 @@ fn state_errors() {
     );
     refuses(
         &env,
-        &["cluster", "add", "Bad_Name"],
+        &["cluster", "add", "bad name!"],
         1,
-        "invalid cluster name \"Bad_Name\"",
+        "invalid cluster name \"bad name!\"",
     );
 
     // A state written by a newer cactl is refused, not rewritten.

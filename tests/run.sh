@@ -29,7 +29,7 @@ if [ "${#missing[@]}" -gt 0 ]; then apt_install "${missing[@]}"; fi
 # Python oracles in a venv, reinstalled when the requirements change.
 REQ=tests/interop/requirements.txt
 if [ ! -f "$TOOLS/venv/.req" ] || ! cmp -s "$REQ" "$TOOLS/venv/.req"; then
-  log "creating Python venv with $(tr '\n' ' ' < "$REQ" | sed 's/#[^ ]*//g')"
+  log "creating Python venv from $REQ"
   rm -rf "$TOOLS/venv"
   python3 -m venv "$TOOLS/venv"
   "$TOOLS/venv/bin/pip" install -q --disable-pip-version-check -r "$REQ"

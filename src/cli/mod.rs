@@ -45,9 +45,12 @@ pub struct Cli {
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
     pub output: OutputFormat,
-    /// Log verbosity (error, warn, info, debug, trace); logs go to stderr.
+    /// Log verbosity (error, warn, info, debug, trace, or a tracing filter); logs go to stderr.
     #[arg(long, global = true, env = "CACTL_LOG", default_value = "warn")]
     pub log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     /// The command.
     #[command(subcommand)]
     pub command: Command,
@@ -59,6 +62,15 @@ pub enum OutputFormat {
     /// For people.
     Text,
     /// For scripts.
+    Json,
+}
+
+/// Log formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
     Json,
 }
 
@@ -104,6 +116,12 @@ pub enum Command {
         /// PEM file.
         file: PathBuf,
     },
+    /// Run the workload signing service (Istio's CreateCertificate over gRPC).
+    Serve(ServeArgs),
+    /// Mint a development service-account token (trusted by clusters with `auth.dev_issuer`).
+    DevToken(DevTokenArgs),
+    /// Request a workload certificate from a running `cactl serve` (a gRPC client).
+    Request(RequestArgs),
     /// Show roots and every cluster's intermediate.
     Status {
         /// Evaluate at this time (RFC 3339) instead of now.
@@ -124,6 +142,75 @@ pub struct InitArgs {
     /// Trust domain for a newly written config.
     #[arg(long)]
     pub trust_domain: Option<String>,
+}
+
+/// `cactl serve` arguments.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// gRPC (TLS) listen address; overrides `serve.listen`.
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Metrics/health listen address; overrides `serve.metrics_listen`.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Also serve plaintext h2c here (tests only).
+    #[arg(long)]
+    pub plaintext_listen: Option<String>,
+}
+
+/// `cactl dev-token` arguments.
+#[derive(Debug, Args)]
+pub struct DevTokenArgs {
+    /// Namespace of the service account.
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// Service account name.
+    #[arg(long, default_value = "default")]
+    pub service_account: String,
+    /// Audience.
+    #[arg(long, default_value = "istio-ca")]
+    pub audience: String,
+    /// Lifetime.
+    #[arg(long, default_value = "1h")]
+    pub ttl: String,
+    /// Node name claim (as projected tokens of pods carry on Kubernetes 1.30+).
+    #[arg(long)]
+    pub node: Option<String>,
+}
+
+/// `cactl request` arguments.
+#[derive(Debug, Args)]
+pub struct RequestArgs {
+    /// Server address (host:port).
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    pub addr: String,
+    /// Root bundle (PEM) to verify the server with; default: this cactl's trust bundle.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// TLS server name to expect; default: the first of `serve.dns_names`.
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Bearer token.
+    #[arg(long, conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// File holding the bearer token.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    /// `clusterid` header.
+    #[arg(long)]
+    pub cluster_id: Option<String>,
+    /// Identity for the CSR's URI SAN (default: from the token's namespace and account).
+    #[arg(long)]
+    pub identity: String,
+    /// Key type of the workload key: p256 (ztunnel style) or rsa2048 (istio-agent style).
+    #[arg(long, default_value = "p256")]
+    pub key_type: String,
+    /// Requested TTL in seconds (0: the server's default).
+    #[arg(long, default_value_t = 0)]
+    pub ttl_seconds: i64,
+    /// Write key.pem, cert-chain.pem and root-cert.pem here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 /// `cactl cluster` subcommands.
@@ -181,7 +268,7 @@ pub fn run() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    init_logging(&cli.log_level);
+    init_logging(&cli.log_level, cli.log_format);
     match execute(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -191,13 +278,18 @@ pub fn run() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str) {
+fn init_logging(level: &str, format: LogFormat) {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .try_init();
+        .with_ansi(std::io::stderr().is_terminal());
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
 }
 
 /// Maps an error to the documented exit code.
@@ -231,6 +323,9 @@ fn execute(cli: &Cli) -> Result<()> {
         Command::Verify { dir, at } => verify(cli, dir, parse_at(at.as_deref(), now)?),
         Command::Inspect { file } => inspect(file, now),
         Command::Status { at } => status(cli, parse_at(at.as_deref(), now)?),
+        Command::Serve(args) => serve(cli, args),
+        Command::DevToken(args) => dev_token(cli, args, now),
+        Command::Request(args) => request(cli, args),
     }
 }
 
@@ -248,7 +343,7 @@ fn load_config(cli: &Cli) -> Result<Loaded> {
     Ok(Config::load(&cli.config)?)
 }
 
-fn store_for(loaded: &Loaded) -> Box<dyn StateStore> {
+fn store_for(loaded: &Loaded) -> Box<dyn StateStore + Send + Sync> {
     match loaded.config.state.store {
         StoreKind::File => Box::new(FileStore::new(loaded.state_dir())),
     }
@@ -362,9 +457,7 @@ fn cluster_add(cli: &Cli, name: &str) -> Result<()> {
             cli.config.display()
         );
     }
-    loaded.config.clusters.push(ClusterConfig {
-        name: name.to_owned(),
-    });
+    loaded.config.clusters.push(ClusterConfig::named(name));
     loaded.config.validate(&cli.config.display().to_string())?;
     write_config(&cli.config, &loaded.config)?;
     output::message(
@@ -533,4 +626,206 @@ fn status(cli: &Cli, now: OffsetDateTime) -> Result<()> {
     let store = store_for(&loaded);
     let state = load_state(store.as_ref())?;
     output::status(cli.output, &loaded, &state, now)
+}
+
+/// The embedded defaults `cactl serve` runs on when there is no config file: one cluster named
+/// like Istio's default cluster ID, trusting the development token issuer, on loopback.
+fn embedded_config(path: &Path) -> Loaded {
+    let mut config = Config::default();
+    let mut cluster = ClusterConfig::named("Kubernetes");
+    cluster.auth = Some(config::ClusterAuth {
+        dev_issuer: true,
+        ..config::ClusterAuth::default()
+    });
+    config.clusters.push(cluster);
+    config.serve.listen = "127.0.0.1:15012".into();
+    config.serve.metrics_listen = "127.0.0.1:15014".into();
+    config.serve.dns_names = vec!["localhost".into(), "cactl.cactl-system.svc".into()];
+    Loaded {
+        config,
+        path: path.to_path_buf(),
+    }
+}
+
+/// Creates the root and any missing intermediates (embedded defaults only).
+fn bootstrap(loaded: &Loaded, store: &dyn StateStore, now: OffsetDateTime) -> Result<()> {
+    let backend = backend_for(loaded);
+    let _guard = store.lock()?;
+    let mut state = match store.load()? {
+        Some(s) => s,
+        None => {
+            let mut s = State::new();
+            ca::init_generated(&mut s, &loaded.config, backend.as_ref(), now)?;
+            s
+        }
+    };
+    let before = state.revision;
+    let mut changed = state.revision == 0;
+    for c in &loaded.config.clusters {
+        if state
+            .clusters
+            .get(&c.name)
+            .and_then(|s| s.current.as_ref())
+            .is_none()
+        {
+            ca::issue_intermediate(&mut state, &loaded.config, backend.as_ref(), &c.name, now)?;
+            changed = true;
+        }
+    }
+    if changed {
+        state.revision = before + 1;
+        store.save(&state)?;
+    }
+    Ok(())
+}
+
+fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
+    let embedded = !cli.config.exists();
+    let mut loaded = if embedded {
+        embedded_config(&cli.config)
+    } else {
+        load_config(cli)?
+    };
+    if let Some(a) = &args.listen {
+        loaded.config.serve.listen = a.clone();
+    }
+    if let Some(a) = &args.metrics_listen {
+        loaded.config.serve.metrics_listen = a.clone();
+    }
+    if let Some(a) = &args.plaintext_listen {
+        loaded.config.serve.plaintext_listen = Some(a.clone());
+    }
+    loaded.config.validate(&cli.config.display().to_string())?;
+    let store = store_for(&loaded);
+    if embedded {
+        tracing::warn!(state = %store.location(), "no config file: serving on embedded defaults (local root, file state, cluster \"Kubernetes\", development tokens)");
+        bootstrap(&loaded, store.as_ref(), OffsetDateTime::now_utc())?;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("cactl-worker")
+        .build()
+        .context("cannot start the async runtime")?;
+    let output = cli.output;
+    runtime.block_on(async move {
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = tx.send(true);
+        });
+        crate::serve::run(loaded, store, rx, |bound| output::serving(output, bound)).await
+    })?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn state_dir_for(cli: &Cli) -> Result<PathBuf> {
+    let loaded = if cli.config.exists() {
+        load_config(cli)?
+    } else {
+        embedded_config(&cli.config)
+    };
+    Ok(loaded.state_dir())
+}
+
+fn dev_token(cli: &Cli, args: &DevTokenArgs, now: OffsetDateTime) -> Result<()> {
+    let ttl = humantime::parse_duration(&args.ttl)
+        .with_context(|| format!("--ttl {:?} is not a duration (e.g. 1h)", args.ttl))?;
+    let issuer = crate::devtoken::DevIssuer::open(&state_dir_for(cli)?)?;
+    let token = issuer.token(
+        &args.namespace,
+        &args.service_account,
+        &args.audience,
+        now,
+        config::to_time(ttl),
+        args.node.as_deref(),
+    )?;
+    outln!("{token}");
+    Ok(())
+}
+
+fn request(cli: &Cli, args: &RequestArgs) -> Result<()> {
+    let loaded = if cli.config.exists() {
+        Some(load_config(cli)?)
+    } else {
+        None
+    };
+    let ca_pem = match &args.ca_file {
+        Some(p) => read_file(p, "CA file")?,
+        None => {
+            let l = loaded
+                .clone()
+                .unwrap_or_else(|| embedded_config(&cli.config));
+            let state = load_state(store_for(&l).as_ref())?;
+            crate::bundle::pem(&ca::bundle_roots(&state)?)
+        }
+    };
+    let server_name = match &args.server_name {
+        Some(n) => n.clone(),
+        None => loaded
+            .as_ref()
+            .map(|l| l.config.serve.dns_names.clone())
+            .unwrap_or_else(|| embedded_config(&cli.config).config.serve.dns_names)
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "localhost".into()),
+    };
+    let token = match (&args.token, &args.token_file) {
+        (Some(t), _) => Some(t.trim().to_owned()),
+        (None, Some(p)) => Some(read_file(p, "token file")?.trim().to_owned()),
+        (None, None) => None,
+    };
+    let alg: &'static rcgen::SignatureAlgorithm = match args.key_type.as_str() {
+        "p256" => &rcgen::PKCS_ECDSA_P256_SHA256,
+        "rsa2048" => &rcgen::PKCS_RSA_SHA256,
+        other => bail!("--key-type {other:?}: use p256 or rsa2048"),
+    };
+    let key = match args.key_type.as_str() {
+        "rsa2048" => pki::key::SecretKey::generate(pki::key::KeyAlgorithm::Rsa2048)?,
+        _ => pki::key::SecretKey::generate(pki::key::KeyAlgorithm::EcdsaP256)?,
+    };
+    let _ = alg;
+    let csr = crate::client::make_csr(&key, &args.identity, args.key_type == "rsa2048")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let chain = runtime.block_on(crate::client::create_certificate(
+        &args.addr,
+        &ca_pem,
+        &server_name,
+        token.as_deref(),
+        args.cluster_id.as_deref(),
+        &csr,
+        args.ttl_seconds,
+    ))?;
+    if let Some(dir) = &args.out {
+        fsutil::ensure_dir(dir, 0o755)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        fsutil::write_atomic(&dir.join("key.pem"), key.to_pkcs8_pem().as_bytes(), 0o600)?;
+        let n = chain.len();
+        let certs: String = chain[..n.saturating_sub(1)].concat();
+        fsutil::write_atomic(&dir.join("cert-chain.pem"), certs.as_bytes(), 0o644)?;
+        fsutil::write_atomic(&dir.join("root-cert.pem"), chain[n - 1].as_bytes(), 0o644)?;
+    }
+    output::requested(cli.output, &chain);
+    Ok(())
 }

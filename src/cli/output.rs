@@ -228,3 +228,39 @@ pub(super) fn status(
     }
     Ok(())
 }
+
+pub(super) fn serving(format: OutputFormat, bound: &crate::serve::Bound) {
+    match format {
+        OutputFormat::Text => {
+            outln!(
+                "serving IstioCertificateService on {} (TLS, serving cert {}); metrics and health on http://{}",
+                bound.grpc,
+                bound.serving_serial,
+                bound.metrics
+            );
+            if let Some(p) = bound.plaintext {
+                outln!("plaintext h2c listener (tests only) on {p}");
+            }
+        }
+        OutputFormat::Json => outln!("{}", json!({"event": "listening", "bound": bound})),
+    }
+}
+
+pub(super) fn requested(format: OutputFormat, chain: &[String]) {
+    match format {
+        OutputFormat::Text => {
+            if let Some(leaf) = chain.first()
+                && let Ok(info) = CertInfo::from_pem_first(leaf)
+            {
+                outln!(
+                    "got {} element(s): leaf serial {} for {} not after {}",
+                    chain.len(),
+                    info.serial_hex,
+                    info.uris.join(","),
+                    ts(info.not_after)
+                );
+            }
+        }
+        OutputFormat::Json => outln!("{}", json!({"cert_chain": chain})),
+    }
+}

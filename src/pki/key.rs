@@ -189,6 +189,11 @@ impl SecretKey {
         Zeroizing::new(text)
     }
 
+    /// The key as PKCS#8 DER.
+    pub fn to_pkcs8_der(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(self.inner.serialize_der())
+    }
+
     /// The DER SubjectPublicKeyInfo of the key.
     pub fn public_key_spki(&self) -> Vec<u8> {
         self.inner.subject_public_key_info()

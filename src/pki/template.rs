@@ -260,6 +260,66 @@ pub fn sign_leaf(
     Ok(params.signed_by(&spki, &signer.issuer)?.der().to_vec())
 }
 
+/// A TLS server certificate for the signing service itself.
+#[derive(Clone, Debug)]
+pub struct ServerSpec {
+    /// Organisation in the subject.
+    pub organization: String,
+    /// DNS names; the first is also the CN.
+    pub dns_names: Vec<String>,
+    /// Current time.
+    pub now: OffsetDateTime,
+    /// Lifetime; capped at the issuer's NotAfter.
+    pub lifetime: Duration,
+    /// Whether the subject key is RSA.
+    pub rsa_key: bool,
+}
+
+/// Signs a server certificate (DNS SANs, serverAuth) for `subject_spki`.
+pub fn sign_server(
+    spec: &ServerSpec,
+    subject_spki: &[u8],
+    signer: &CaSigner,
+    rng: &dyn SecureRandom,
+) -> Result<Vec<u8>, Error> {
+    if signer.not_after <= spec.now {
+        return Err(Error::Chain("the issuing CA has expired".into()));
+    }
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, spec.organization.as_str());
+    if let Some(first) = spec.dns_names.first() {
+        dn.push(DnType::CommonName, first.as_str());
+    }
+    params.distinguished_name = dn;
+    params.subject_alt_names = spec
+        .dns_names
+        .iter()
+        .map(|d| {
+            d.as_str()
+                .try_into()
+                .map(SanType::DnsName)
+                .map_err(|_| Error::Generate(format!("{d:?} is not a DNS name")))
+        })
+        .collect::<Result<_, _>>()?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = if spec.rsa_key {
+        vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ]
+    } else {
+        vec![KeyUsagePurpose::DigitalSignature]
+    };
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.not_before = strip_nanos(spec.now - LEAF_BACKDATE);
+    params.not_after = strip_nanos((spec.now + spec.lifetime).min(signer.not_after));
+    params.serial_number = Some(random_serial(rng)?);
+    params.use_authority_key_identifier_extension = true;
+    let spki = SubjectPublicKeyInfo::from_der(subject_spki)?;
+    Ok(params.signed_by(&spki, &signer.issuer)?.der().to_vec())
+}
+
 /// NameConstraints with one permitted URI subtree (`[6] IA5String` host) for `trust_domain`.
 fn uri_name_constraint_extension(trust_domain: &str) -> CustomExtension {
     // NameConstraints ::= SEQUENCE { permittedSubtrees [0] IMPLICIT GeneralSubtrees }

@@ -1,0 +1,586 @@
+//! Caller authentication for the signing service.
+//!
+//! Two authenticators, tried in order, first success wins (as istiod does):
+//!
+//! 1. **mTLS**: a client certificate that chains to the mesh roots (rustls has verified the
+//!    chain during the handshake); the identity is its SPIFFE URI.
+//! 2. **Service-account JWT** (`authorization: Bearer …`): verified locally against the JWKS of
+//!    the cluster named by the `clusterid` header — signature, `iss`, `aud`, `exp`/`nbf` with a
+//!    small skew. Verified tokens are cached until they expire, so a renewal burst costs one
+//!    signature check per token, not per request.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use jsonwebtoken::jwk::JwkSet;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use prometheus_client::metrics::counter::Counter;
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use crate::config::{ClusterAuth, Config};
+use crate::pki::spiffe::SpiffeId;
+
+/// Why authentication failed. The variant names the reason for logs and metrics; callers
+/// see only `Unauthenticated`.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Error {
+    /// Neither a client certificate nor a bearer token.
+    #[error("no credentials: neither a client certificate nor an authorization bearer token")]
+    NoCredentials,
+    /// `authorization` is not `Bearer <token>`.
+    #[error("authorization header is not a bearer token")]
+    NotBearer,
+    /// The `clusterid` names no configured cluster (or one without token auth).
+    #[error("unknown cluster {0:?}")]
+    UnknownCluster(String),
+    /// The token could not be decoded.
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// No JWKS key for the token.
+    #[error("no key in the cluster's JWKS matches the token (kid {0:?})")]
+    UnknownKey(Option<String>),
+    /// Signature check failed.
+    #[error("token signature does not verify")]
+    BadSignature,
+    /// Expired.
+    #[error("token expired")]
+    Expired,
+    /// Not yet valid.
+    #[error("token not yet valid")]
+    NotYetValid,
+    /// Wrong audience.
+    #[error("token audience is not accepted")]
+    Audience,
+    /// Wrong issuer.
+    #[error("token issuer is not the cluster's issuer")]
+    Issuer,
+    /// Not a service-account token.
+    #[error("token does not name a Kubernetes service account")]
+    NotServiceAccount,
+    /// Algorithm not allowed.
+    #[error("token algorithm {0:?} is not accepted (RS256, ES256)")]
+    Algorithm(String),
+    /// Client certificate without a usable SPIFFE ID.
+    #[error("client certificate has no SPIFFE ID of the mesh: {0}")]
+    BadClientCert(String),
+    /// JWKS unavailable.
+    #[error("JWKS for cluster {0:?} is not available")]
+    NoJwks(String),
+}
+
+impl Error {
+    /// A short stable label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::NoCredentials => "no_credentials",
+            Self::NotBearer => "not_bearer",
+            Self::UnknownCluster(_) => "unknown_cluster",
+            Self::Malformed(_) => "malformed_token",
+            Self::UnknownKey(_) => "unknown_key",
+            Self::BadSignature => "bad_signature",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Audience => "audience",
+            Self::Issuer => "issuer",
+            Self::NotServiceAccount => "not_service_account",
+            Self::Algorithm(_) => "algorithm",
+            Self::BadClientCert(_) => "client_cert",
+            Self::NoJwks(_) => "no_jwks",
+        }
+    }
+}
+
+/// How the caller proved who it is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// A service-account token.
+    Jwt,
+    /// A client certificate.
+    Mtls,
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// The caller's SPIFFE identity.
+    pub identity: SpiffeId,
+    /// The cluster the caller belongs to (its credentials were checked against it).
+    pub cluster: String,
+    /// How it authenticated.
+    pub method: Method,
+    /// Pod name from the token, when bound to a pod.
+    pub pod: Option<String>,
+    /// Node name from the token, when bound to a pod on a node (Kubernetes ≥ 1.30).
+    pub node: Option<String>,
+}
+
+/// The claims cactl reads from a projected service-account token.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    #[serde(rename = "kubernetes.io")]
+    kubernetes: Option<K8sClaims>,
+}
+
+#[derive(Debug, Deserialize)]
+struct K8sClaims {
+    namespace: Option<String>,
+    serviceaccount: Option<NamedRef>,
+    pod: Option<NamedRef>,
+    node: Option<NamedRef>,
+}
+
+#[derive(Debug, Deserialize)]
+struct NamedRef {
+    name: String,
+}
+
+/// Where a cluster's token keys come from.
+#[derive(Clone, Debug)]
+pub enum JwksSource {
+    /// A JWKS document on disk, re-read on refresh.
+    File(PathBuf),
+    /// A JWKS URL.
+    Url(String),
+    /// A fixed set (the development issuer, tests).
+    Static(Arc<JwkSet>),
+}
+
+/// One cluster's token verifier.
+pub struct ClusterTokens {
+    cluster: String,
+    issuer: String,
+    audiences: Vec<String>,
+    source: JwksSource,
+    keys: ArcSwap<HashMap<Option<String>, (DecodingKey, Algorithm)>>,
+    refresh_every: Duration,
+    last_refresh: std::sync::Mutex<Option<Instant>>,
+    http: Option<reqwest::Client>,
+}
+
+impl std::fmt::Debug for ClusterTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterTokens")
+            .field("cluster", &self.cluster)
+            .field("issuer", &self.issuer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Minimum time between two JWKS fetches triggered by unknown `kid`s.
+const MIN_REFETCH: Duration = Duration::from_secs(10);
+
+impl ClusterTokens {
+    /// A verifier for `cluster`.
+    pub fn new(
+        cluster: &str,
+        issuer: &str,
+        audiences: Vec<String>,
+        source: JwksSource,
+        refresh_every: Duration,
+        http: Option<reqwest::Client>,
+    ) -> Self {
+        Self {
+            cluster: cluster.to_owned(),
+            issuer: issuer.to_owned(),
+            audiences,
+            source,
+            keys: ArcSwap::from_pointee(HashMap::new()),
+            refresh_every,
+            last_refresh: std::sync::Mutex::new(None),
+            http,
+        }
+    }
+
+    /// Loads the JWKS now.
+    pub async fn refresh(&self) -> Result<usize, String> {
+        let set: JwkSet = match &self.source {
+            JwksSource::Static(s) => (**s).clone(),
+            JwksSource::File(p) => {
+                let text = tokio::fs::read_to_string(p)
+                    .await
+                    .map_err(|e| format!("read {}: {e}", p.display()))?;
+                serde_json::from_str(&text).map_err(|e| format!("parse {}: {e}", p.display()))?
+            }
+            JwksSource::Url(u) => {
+                let http = self.http.as_ref().ok_or("no HTTP client")?;
+                let resp = http
+                    .get(u)
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await
+                    .map_err(|e| format!("GET {u}: {e}"))?;
+                if !resp.status().is_success() {
+                    return Err(format!("GET {u}: HTTP {}", resp.status()));
+                }
+                resp.json().await.map_err(|e| format!("GET {u}: {e}"))?
+            }
+        };
+        let mut keys = HashMap::new();
+        for jwk in &set.keys {
+            let alg = match &jwk.algorithm {
+                jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(ec)
+                    if ec.curve == jsonwebtoken::jwk::EllipticCurve::P256 =>
+                {
+                    Algorithm::ES256
+                }
+                _ => continue,
+            };
+            if let Ok(k) = DecodingKey::from_jwk(jwk) {
+                keys.insert(jwk.common.key_id.clone(), (k, alg));
+            }
+        }
+        let n = keys.len();
+        self.keys.store(Arc::new(keys));
+        if let Ok(mut last) = self.last_refresh.lock() {
+            *last = Some(Instant::now());
+        }
+        Ok(n)
+    }
+
+    fn due(&self, min: Duration) -> bool {
+        match self.last_refresh.lock() {
+            Ok(last) => last.is_none_or(|t| t.elapsed() >= min),
+            Err(_) => true,
+        }
+    }
+
+    /// Refreshes if the periodic interval has passed.
+    pub async fn refresh_if_stale(&self) {
+        if self.due(self.refresh_every)
+            && let Err(e) = self.refresh().await
+        {
+            tracing::warn!(cluster = %self.cluster, error = %e, "JWKS refresh failed; keeping the previous keys");
+        }
+    }
+
+    /// Verifies `token` and returns the identity it proves.
+    pub async fn verify(
+        &self,
+        token: &str,
+        trust_domain: &str,
+        skew: Duration,
+    ) -> Result<(Caller, i64), Error> {
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| Error::Malformed(e.to_string()))?;
+        if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
+            return Err(Error::Algorithm(format!("{:?}", header.alg)));
+        }
+        let mut keys = self.keys.load_full();
+        if !keys.contains_key(&header.kid) && self.due(MIN_REFETCH) {
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(cluster = %self.cluster, error = %e, "JWKS fetch for unknown kid failed");
+            }
+            keys = self.keys.load_full();
+        }
+        if keys.is_empty() {
+            return Err(Error::NoJwks(self.cluster.clone()));
+        }
+        // Tokens without a kid may match any key of the right algorithm.
+        let candidates: Vec<&(DecodingKey, Algorithm)> = match keys.get(&header.kid) {
+            Some(k) => vec![k],
+            None if header.kid.is_none() => {
+                keys.values().filter(|(_, a)| *a == header.alg).collect()
+            }
+            None => return Err(Error::UnknownKey(header.kid)),
+        };
+        if candidates.is_empty() {
+            return Err(Error::UnknownKey(header.kid));
+        }
+        let mut validation = Validation::new(header.alg);
+        validation.set_audience(&self.audiences);
+        validation.set_issuer(&[&self.issuer]);
+        validation.leeway = skew.as_secs();
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        let mut last = Error::BadSignature;
+        for (key, alg) in candidates {
+            if *alg != header.alg {
+                last = Error::Algorithm(format!("{:?}", header.alg));
+                continue;
+            }
+            match jsonwebtoken::decode::<serde_json::Value>(token, key, &validation) {
+                Ok(data) => return self.caller(data.claims, trust_domain),
+                Err(e) => {
+                    use jsonwebtoken::errors::ErrorKind as K;
+                    last = match e.kind() {
+                        K::ExpiredSignature => Error::Expired,
+                        K::ImmatureSignature => Error::NotYetValid,
+                        K::InvalidAudience => Error::Audience,
+                        K::InvalidIssuer => Error::Issuer,
+                        K::InvalidSignature => Error::BadSignature,
+                        K::MissingRequiredClaim(c) => {
+                            Error::Malformed(format!("missing claim {c}"))
+                        }
+                        other => Error::Malformed(format!("{other:?}")),
+                    };
+                    if !matches!(last, Error::BadSignature) {
+                        return Err(last);
+                    }
+                }
+            }
+        }
+        Err(last)
+    }
+
+    fn caller(
+        &self,
+        claims: serde_json::Value,
+        trust_domain: &str,
+    ) -> Result<(Caller, i64), Error> {
+        let exp = claims
+            .get("exp")
+            .and_then(serde_json::Value::as_i64)
+            .unwrap_or(0);
+        let c: Claims =
+            serde_json::from_value(claims).map_err(|e| Error::Malformed(e.to_string()))?;
+        let from_k8s = c.kubernetes.as_ref().and_then(|k| {
+            Some((
+                k.namespace.clone()?,
+                k.serviceaccount.as_ref()?.name.clone(),
+            ))
+        });
+        let from_sub = c.sub.as_deref().and_then(|s| {
+            let rest = s.strip_prefix("system:serviceaccount:")?;
+            let (ns, sa) = rest.split_once(':')?;
+            Some((ns.to_owned(), sa.to_owned()))
+        });
+        let (ns, sa) = from_k8s.or(from_sub).ok_or(Error::NotServiceAccount)?;
+        let identity =
+            SpiffeId::new(trust_domain, &ns, &sa).map_err(|_| Error::NotServiceAccount)?;
+        let pod = c
+            .kubernetes
+            .as_ref()
+            .and_then(|k| k.pod.as_ref())
+            .map(|p| p.name.clone());
+        let node = c
+            .kubernetes
+            .as_ref()
+            .and_then(|k| k.node.as_ref())
+            .map(|n| n.name.clone());
+        Ok((
+            Caller {
+                identity,
+                cluster: self.cluster.clone(),
+                method: Method::Jwt,
+                pod,
+                node,
+            },
+            exp,
+        ))
+    }
+}
+
+/// Verified tokens by digest, with their `exp`.
+type TokenCache = moka::sync::Cache<[u8; 32], Arc<(Caller, i64)>>;
+
+/// All clusters' token verifiers plus the verified-token cache.
+pub struct TokenAuthenticator {
+    clusters: HashMap<String, Arc<ClusterTokens>>,
+    default_cluster: Option<String>,
+    trust_domain: String,
+    skew: Duration,
+    cache: Option<TokenCache>,
+    hits: Counter,
+    misses: Counter,
+}
+
+impl std::fmt::Debug for TokenAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenAuthenticator")
+            .field("clusters", &self.clusters.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenAuthenticator {
+    /// Builds verifiers from the config. `dev_jwks` is the development issuer's key set, used
+    /// for clusters with `auth.dev_issuer`.
+    /// `hits` and `misses` count cache use.
+    pub fn from_config(
+        config: &Config,
+        dev_jwks: Option<Arc<JwkSet>>,
+        hits: Counter,
+        misses: Counter,
+    ) -> Result<Self, String> {
+        let http = reqwest_client(config)?;
+        let mut clusters = HashMap::new();
+        for c in &config.clusters {
+            let Some(auth) = &c.auth else { continue };
+            let audiences = if auth.audiences.is_empty() {
+                config.serve.audiences.clone()
+            } else {
+                auth.audiences.clone()
+            };
+            let (issuer, source) = source_for(auth, dev_jwks.as_ref())
+                .map_err(|e| format!("cluster {:?}: {e}", c.name))?;
+            let Some(source) = source else { continue };
+            clusters.insert(
+                c.name.clone(),
+                Arc::new(ClusterTokens::new(
+                    &c.name,
+                    &issuer,
+                    audiences,
+                    source,
+                    auth.jwks_refresh,
+                    http.clone(),
+                )),
+            );
+        }
+        let default_cluster = config
+            .serve
+            .default_cluster
+            .clone()
+            .or_else(|| config.clusters.first().map(|c| c.name.clone()));
+        let cache = (config.serve.token_cache_entries > 0).then(|| {
+            moka::sync::Cache::builder()
+                .max_capacity(config.serve.token_cache_entries)
+                .time_to_live(Duration::from_secs(3600))
+                .build()
+        });
+        Ok(Self {
+            clusters,
+            default_cluster,
+            trust_domain: config.trust_domain.clone(),
+            skew: config.serve.clock_skew,
+            cache,
+            hits,
+            misses,
+        })
+    }
+
+    /// The per-cluster verifiers (for periodic refresh).
+    pub fn clusters(&self) -> impl Iterator<Item = &Arc<ClusterTokens>> {
+        self.clusters.values()
+    }
+
+    /// Authenticates a bearer token for the cluster named in `clusterid` (empty: the default).
+    pub async fn authenticate(
+        &self,
+        authorization: &str,
+        cluster_id: Option<&str>,
+        now: OffsetDateTime,
+    ) -> Result<Caller, Error> {
+        let token = authorization
+            .strip_prefix("Bearer ")
+            .or_else(|| authorization.strip_prefix("bearer "))
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .ok_or(Error::NotBearer)?;
+        let cluster = match cluster_id.filter(|c| !c.is_empty()) {
+            Some(c) => c,
+            None => self.default_cluster.as_deref().unwrap_or(""),
+        };
+        let verifier = self
+            .clusters
+            .get(cluster)
+            .ok_or_else(|| Error::UnknownCluster(cluster.to_owned()))?;
+        let key = cache_key(cluster, token);
+        let skew = self.skew.as_secs() as i64;
+        if let Some(cache) = &self.cache
+            && let Some(hit) = cache.get(&key)
+        {
+            // Still valid (with the same skew the verifier allows)?
+            if hit.1 + skew >= now.unix_timestamp() {
+                self.hits.inc();
+                return Ok(hit.0.clone());
+            }
+            cache.invalidate(&key);
+        }
+        self.misses.inc();
+        let (caller, exp) = verifier
+            .verify(token, &self.trust_domain, self.skew)
+            .await?;
+        if let Some(cache) = &self.cache {
+            cache.insert(key, Arc::new((caller.clone(), exp)));
+        }
+        Ok(caller)
+    }
+}
+
+fn source_for(
+    auth: &ClusterAuth,
+    dev: Option<&Arc<JwkSet>>,
+) -> Result<(String, Option<JwksSource>), String> {
+    if auth.dev_issuer {
+        let set = dev.ok_or("dev_issuer is set but the development issuer is not available")?;
+        return Ok((
+            crate::devtoken::ISSUER.to_owned(),
+            Some(JwksSource::Static(set.clone())),
+        ));
+    }
+    let issuer = auth.issuer.clone().unwrap_or_default();
+    if let Some(f) = &auth.jwks_file {
+        return Ok((issuer, Some(JwksSource::File(f.clone()))));
+    }
+    if let Some(u) = &auth.jwks_url {
+        return Ok((issuer, Some(JwksSource::Url(u.clone()))));
+    }
+    Ok((issuer, None))
+}
+
+fn reqwest_client(config: &Config) -> Result<Option<reqwest::Client>, String> {
+    let urls: Vec<&ClusterAuth> = config
+        .clusters
+        .iter()
+        .filter_map(|c| c.auth.as_ref())
+        .filter(|a| a.jwks_url.is_some())
+        .collect();
+    if urls.is_empty() {
+        return Ok(None);
+    }
+    let mut builder = reqwest::Client::builder().use_rustls_tls();
+    for a in urls {
+        if let Some(ca) = &a.jwks_ca_file {
+            let pem =
+                std::fs::read(ca).map_err(|e| format!("jwks_ca_file {}: {e}", ca.display()))?;
+            for cert in reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| format!("jwks_ca_file {}: {e}", ca.display()))?
+            {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+    }
+    builder.build().map(Some).map_err(|e| e.to_string())
+}
+
+fn cache_key(cluster: &str, token: &str) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(cluster.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(token.as_bytes());
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
+}
+
+/// Identity from a client certificate chain that rustls has already verified against the mesh
+/// roots: exactly one SPIFFE URI in the trust domain.
+pub fn mtls_caller(leaf_der: &[u8], trust_domain: &str, cluster: &str) -> Result<Caller, Error> {
+    let info = crate::pki::cert::CertInfo::from_der(leaf_der)
+        .map_err(|e| Error::BadClientCert(e.to_string()))?;
+    let [uri] = info.uris.as_slice() else {
+        return Err(Error::BadClientCert(format!(
+            "{} URI SANs",
+            info.uris.len()
+        )));
+    };
+    let id = SpiffeId::parse(uri).map_err(|e| Error::BadClientCert(e.to_string()))?;
+    if id.trust_domain() != trust_domain {
+        return Err(Error::BadClientCert(format!(
+            "{id} is outside the trust domain"
+        )));
+    }
+    Ok(Caller {
+        identity: id,
+        cluster: cluster.to_owned(),
+        method: Method::Mtls,
+        pod: None,
+        node: None,
+    })
+}

@@ -1,0 +1,429 @@
+//! `cactl serve`: the workload signing service, wired together.
+//!
+//! Start-up loads the issuers from the state store, issues the serving certificate, binds the
+//! listeners and then runs until SIGTERM/SIGINT, when it stops accepting and finishes in-flight
+//! requests. Background tasks poll the state store and swap issuers atomically when a new
+//! intermediate appears, renew the serving certificate at two thirds of its life, and refresh
+//! JWKS.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::ServerConfig;
+use time::OffsetDateTime;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+
+use crate::authority::{Authority, IssuerSet};
+use crate::config::{Config, Loaded, to_time};
+use crate::grpc::CaService;
+use crate::grpc::authn::TokenAuthenticator;
+use crate::grpc::proto::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::state::StateStore;
+use crate::telemetry::{ClusterLabel, Metrics, RootLabel};
+use crate::tls::{self, SwappableCert};
+
+/// Errors starting the service.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// State problems.
+    #[error(transparent)]
+    State(#[from] crate::state::Error),
+    /// No cluster has a usable issuer.
+    #[error("no cluster has a usable intermediate: {0}")]
+    NoIssuer(String),
+    /// TLS set-up.
+    #[error(transparent)]
+    Tls(#[from] tls::Error),
+    /// Listener set-up.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Token authentication set-up.
+    #[error("token authentication: {0}")]
+    Auth(String),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Server(String),
+}
+
+/// Where the service listens (after binding: the real ports).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Bound {
+    /// gRPC over TLS.
+    pub grpc: SocketAddr,
+    /// Metrics and health.
+    pub metrics: SocketAddr,
+    /// Plaintext gRPC (tests only).
+    pub plaintext: Option<SocketAddr>,
+    /// Serial of the serving certificate.
+    pub serving_serial: String,
+}
+
+struct Shared {
+    loaded: Loaded,
+    store: Box<dyn StateStore + Send + Sync>,
+    authority: Arc<Authority>,
+    metrics: Arc<Metrics>,
+    cert: Arc<SwappableCert>,
+    tls_config: ArcSwap<ServerConfig>,
+    serving: std::sync::Mutex<tls::Serving>,
+}
+
+/// Runs the service until `shutdown` turns true. `on_bound` is called once the listeners are
+/// bound.
+pub async fn run(
+    loaded: Loaded,
+    store: Box<dyn StateStore + Send + Sync>,
+    mut shutdown: watch::Receiver<bool>,
+    on_bound: impl FnOnce(&Bound),
+) -> Result<(), Error> {
+    tls::install_default_provider();
+    let config = loaded.config.clone();
+    let metrics = Arc::new(Metrics::new());
+    let now = OffsetDateTime::now_utc();
+
+    let state = store
+        .load()?
+        .ok_or_else(|| crate::state::Error::NotInitialized(store.location()))?;
+    let set = IssuerSet::build(&state, &config, now);
+    if set.issuers.is_empty() {
+        let why: Vec<String> = set
+            .unavailable
+            .iter()
+            .map(|(c, e)| format!("{c}: {e}"))
+            .collect();
+        return Err(Error::NoIssuer(if why.is_empty() {
+            "no clusters are declared".into()
+        } else {
+            why.join("; ")
+        }));
+    }
+    record_set(&metrics, &set, &state);
+    let authority = Arc::new(Authority::new(set));
+
+    // Token verification.
+    let dev_jwks = if config
+        .clusters
+        .iter()
+        .any(|c| c.auth.as_ref().is_some_and(|a| a.dev_issuer))
+    {
+        tracing::warn!("the development token issuer is trusted; never do this in a real mesh");
+        let dev = crate::devtoken::DevIssuer::open(&loaded.state_dir())
+            .map_err(|e| Error::Auth(e.to_string()))?;
+        Some(Arc::new(
+            dev.jwks().map_err(|e| Error::Auth(e.to_string()))?,
+        ))
+    } else {
+        None
+    };
+    let tokens = Arc::new(
+        TokenAuthenticator::from_config(
+            &config,
+            dev_jwks,
+            metrics.auth_cache_hits.clone(),
+            metrics.auth_cache_misses.clone(),
+        )
+        .map_err(Error::Auth)?,
+    );
+    for c in tokens.clusters() {
+        c.refresh_if_stale().await;
+    }
+
+    // Serving certificate and TLS.
+    let serving = issue_serving(&config, &authority.current(), now)?;
+    metrics
+        .serving_not_after
+        .set(serving.not_after.unix_timestamp());
+    let cert = Arc::new(SwappableCert::new(serving.key.clone()));
+    let tls_config = tls::server_config(cert.clone(), &authority.current().roots)?;
+    let serving_serial = serving.serial.clone();
+
+    let shared = Arc::new(Shared {
+        loaded: loaded.clone(),
+        store,
+        authority: authority.clone(),
+        metrics: metrics.clone(),
+        cert,
+        tls_config: ArcSwap::new(tls_config),
+        serving: std::sync::Mutex::new(serving),
+    });
+
+    // Listeners.
+    let bind = |addr: &str| -> Result<std::net::TcpListener, Error> {
+        std::net::TcpListener::bind(addr).map_err(|source| Error::Bind {
+            addr: addr.to_owned(),
+            source,
+        })
+    };
+    let grpc_std = bind(&config.serve.listen)?;
+    grpc_std
+        .set_nonblocking(true)
+        .map_err(|source| Error::Bind {
+            addr: config.serve.listen.clone(),
+            source,
+        })?;
+    let grpc_addr = grpc_std.local_addr().map_err(|source| Error::Bind {
+        addr: config.serve.listen.clone(),
+        source,
+    })?;
+    let grpc_listener = TcpListener::from_std(grpc_std).map_err(|source| Error::Bind {
+        addr: config.serve.listen.clone(),
+        source,
+    })?;
+    let plaintext = match &config.serve.plaintext_listen {
+        Some(a) => {
+            let l = bind(a)?;
+            l.set_nonblocking(true).map_err(|source| Error::Bind {
+                addr: a.clone(),
+                source,
+            })?;
+            Some(TcpListener::from_std(l).map_err(|source| Error::Bind {
+                addr: a.clone(),
+                source,
+            })?)
+        }
+        None => None,
+    };
+    let plaintext_addr = plaintext.as_ref().and_then(|l| l.local_addr().ok());
+    let (metrics_addr, metrics_thread) = crate::telemetry::spawn_http(
+        bind(&config.serve.metrics_listen)?,
+        metrics.clone(),
+        shutdown.clone(),
+    )
+    .map_err(|source| Error::Bind {
+        addr: config.serve.metrics_listen.clone(),
+        source,
+    })?;
+
+    let service = Arc::new(CaService::new(
+        &config,
+        authority,
+        tokens.clone(),
+        HashMap::new(),
+        metrics.clone(),
+    ));
+    let max = config.serve.max_message_bytes;
+    let make_svc = || {
+        IstioCertificateServiceServer::from_arc(service.clone())
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(4 * 1024 * 1024)
+    };
+
+    // TLS handshakes run in their own tasks so a slow client never blocks accepting.
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(1024);
+    let accept_shared = shared.clone();
+    let mut accept_shutdown = shutdown.clone();
+    let acceptor_task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                () = stopped(&mut accept_shutdown) => break,
+                accepted = grpc_listener.accept() => {
+                    let (tcp, peer) = match accepted {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    let acceptor = TlsAcceptor::from(accept_shared.tls_config.load_full());
+                    let tx = conn_tx.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => {
+                                let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                            }
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
+            }
+        }
+    });
+
+    // Background maintenance.
+    let maint = tokio::spawn(maintain(shared.clone(), tokens, shutdown.clone()));
+
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    on_bound(&Bound {
+        grpc: grpc_addr,
+        metrics: metrics_addr,
+        plaintext: plaintext_addr,
+        serving_serial,
+    });
+    tracing::info!(grpc = %grpc_addr, metrics = %metrics_addr, "serving");
+
+    let stop = {
+        let mut s = shutdown.clone();
+        async move {
+            let _ = s.wait_for(|v| *v).await;
+        }
+    };
+    let tls_server = tonic::transport::Server::builder()
+        .add_service(make_svc())
+        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), stop);
+    let result = match plaintext {
+        Some(l) => {
+            let stop2 = {
+                let mut s = shutdown.clone();
+                async move {
+                    let _ = s.wait_for(|v| *v).await;
+                }
+            };
+            let plain = tonic::transport::Server::builder()
+                .add_service(make_svc())
+                .serve_with_incoming_shutdown(TcpListenerStream::new(l), stop2);
+            let (a, b) = tokio::join!(tls_server, plain);
+            a.and(b)
+        }
+        None => tls_server.await,
+    };
+    metrics
+        .ready
+        .store(false, std::sync::atomic::Ordering::Relaxed);
+    let _ = shutdown.wait_for(|v| *v).await;
+    acceptor_task.abort();
+    maint.abort();
+    let _ = tokio::task::spawn_blocking(move || metrics_thread.join()).await;
+    result.map_err(|e| Error::Server(e.to_string()))
+}
+
+fn issue_serving(
+    config: &Config,
+    set: &IssuerSet,
+    now: OffsetDateTime,
+) -> Result<tls::Serving, Error> {
+    let issuer = config
+        .serve
+        .serving_cluster
+        .as_deref()
+        .and_then(|c| set.get(c))
+        .or_else(|| set.issuers.values().next())
+        .ok_or_else(|| Error::NoIssuer("no issuer for the serving certificate".into()))?;
+    Ok(tls::issue_serving(
+        issuer,
+        &config.organization,
+        &config.serve.dns_names,
+        to_time(config.serve.serving_cert_lifetime),
+        now,
+    )?)
+}
+
+fn record_set(metrics: &Metrics, set: &IssuerSet, state: &crate::state::State) {
+    for (cluster, issuer) in &set.issuers {
+        metrics
+            .issuer_not_after
+            .get_or_create(&ClusterLabel {
+                cluster: cluster.clone(),
+            })
+            .set(issuer.not_after().unix_timestamp());
+    }
+    for r in state.active_roots() {
+        if let Ok(info) = crate::pki::cert::CertInfo::from_pem_first(&r.cert_pem) {
+            metrics
+                .root_not_after
+                .get_or_create(&RootLabel { root: r.id.clone() })
+                .set(info.not_after.unix_timestamp());
+        }
+    }
+    metrics.reloads.inc();
+}
+
+/// Polls the state store, swaps issuers, renews the serving certificate, refreshes JWKS.
+async fn maintain(
+    shared: Arc<Shared>,
+    tokens: Arc<TokenAuthenticator>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let config = shared.loaded.config.clone();
+    let mut tick =
+        tokio::time::interval(config.serve.reload_interval.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stopped(&mut shutdown) => return,
+            _ = tick.tick() => {}
+        }
+        let now = OffsetDateTime::now_utc();
+        let mut renew = false;
+        match shared.store.load() {
+            Ok(Some(state)) if state.revision != shared.authority.current().revision => {
+                let set = IssuerSet::build(&state, &config, now);
+                if set.issuers.is_empty() {
+                    tracing::error!(
+                        revision = state.revision,
+                        "new state has no usable issuer; keeping the current ones"
+                    );
+                } else {
+                    let bundle_changed = set.roots != shared.authority.current().roots;
+                    record_set(&shared.metrics, &set, &state);
+                    tracing::info!(
+                        revision = state.revision,
+                        clusters = set.issuers.len(),
+                        "issuers swapped"
+                    );
+                    shared.authority.swap(set);
+                    renew = true;
+                    if bundle_changed {
+                        match tls::server_config(
+                            shared.cert.clone(),
+                            &shared.authority.current().roots,
+                        ) {
+                            Ok(c) => shared.tls_config.store(c),
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot rebuild TLS config for the new bundle")
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot read state; keeping the current issuers"),
+        }
+        let due = shared
+            .serving
+            .lock()
+            .map(|s| now >= s.renew_at())
+            .unwrap_or(true);
+        if renew || due {
+            match issue_serving(&config, &shared.authority.current(), now) {
+                Ok(s) => {
+                    shared.cert.swap(s.key.clone());
+                    shared
+                        .metrics
+                        .serving_not_after
+                        .set(s.not_after.unix_timestamp());
+                    tracing::info!(serial = %s.serial, not_after = %s.not_after, "serving certificate renewed");
+                    if let Ok(mut cur) = shared.serving.lock() {
+                        *cur = s;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "serving certificate renewal failed; will retry")
+                }
+            }
+        }
+        for c in tokens.clusters() {
+            c.refresh_if_stale().await;
+        }
+    }
+}
+
+/// Resolves once `rx` holds `true` (or its sender is gone).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,160 @@
+//! TLS for the signing service: a serving certificate issued by cactl itself (so it chains to
+//! the root in `istio-ca-root-cert`), renewed before expiry without a restart, ALPN `h2`
+//! (Istio ≥ 1.24 clients insist on it), TLS 1.2 and 1.3, and optional client certificates
+//! verified against the mesh roots (mTLS authentication).
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+
+use crate::ca::ClusterIssuer;
+use crate::pki::cert::CertInfo;
+use crate::pki::key::{KeyAlgorithm, SecretKey};
+use crate::pki::template::{self, ServerSpec};
+
+/// Errors setting up TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Certificate issuance failed.
+    #[error("serving certificate: {0}")]
+    Issue(String),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The client verifier could not be built.
+    #[error("client certificate verifier: {0}")]
+    Verifier(String),
+}
+
+/// The crypto provider cactl uses everywhere: ring.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Makes ring the process-wide default provider (other crates pull in aws-lc-rs too, and
+/// rustls cannot choose between two on its own).
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A serving certificate with its validity.
+#[derive(Debug)]
+pub struct Serving {
+    /// What rustls presents.
+    pub key: Arc<CertifiedKey>,
+    /// Its NotBefore.
+    pub not_before: OffsetDateTime,
+    /// Its NotAfter.
+    pub not_after: OffsetDateTime,
+    /// Serial (hex).
+    pub serial: String,
+}
+
+impl Serving {
+    /// When to renew: two thirds into the lifetime.
+    pub fn renew_at(&self) -> OffsetDateTime {
+        self.not_before + (self.not_after - self.not_before) * 2 / 3
+    }
+}
+
+/// Issues a serving certificate from `issuer` for `dns_names`.
+pub fn issue_serving(
+    issuer: &ClusterIssuer,
+    organization: &str,
+    dns_names: &[String],
+    lifetime: time::Duration,
+    now: OffsetDateTime,
+) -> Result<Serving, Error> {
+    let alg = match issuer.signer().key().algorithm() {
+        KeyAlgorithm::EcdsaP384 => KeyAlgorithm::EcdsaP384,
+        a if a.is_rsa() => KeyAlgorithm::Rsa2048,
+        _ => KeyAlgorithm::EcdsaP256,
+    };
+    let key = SecretKey::generate(alg).map_err(|e| Error::Issue(e.to_string()))?;
+    let spec = ServerSpec {
+        organization: organization.to_owned(),
+        dns_names: dns_names.to_vec(),
+        now,
+        lifetime,
+        rsa_key: alg.is_rsa(),
+    };
+    let rng = ring::rand::SystemRandom::new();
+    let der = template::sign_server(&spec, &key.public_key_spki(), issuer.signer(), &rng)
+        .map_err(|e| Error::Issue(e.to_string()))?;
+    let info = CertInfo::from_der(&der).map_err(|e| Error::Issue(e.to_string()))?;
+    let mut chain = vec![CertificateDer::from(der)];
+    chain.extend(
+        issuer
+            .intermediates()
+            .iter()
+            .map(|d| CertificateDer::from(d.clone())),
+    );
+    let pkcs8 = key.to_pkcs8_der();
+    let signing = provider()
+        .key_provider
+        .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+            pkcs8.to_vec(),
+        )))?;
+    Ok(Serving {
+        key: Arc::new(CertifiedKey::new(chain, signing)),
+        not_before: info.not_before,
+        not_after: info.not_after,
+        serial: info.serial_hex,
+    })
+}
+
+/// A certificate resolver whose certificate can be replaced while connections come in.
+#[derive(Debug)]
+pub struct SwappableCert {
+    current: ArcSwap<CertifiedKey>,
+}
+
+impl SwappableCert {
+    /// Starts with `key`.
+    pub fn new(key: Arc<CertifiedKey>) -> Self {
+        Self {
+            current: ArcSwap::new(key),
+        }
+    }
+
+    /// Replaces the certificate for new handshakes.
+    pub fn swap(&self, key: Arc<CertifiedKey>) {
+        self.current.store(key);
+    }
+}
+
+impl ResolvesServerCert for SwappableCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current.load_full())
+    }
+}
+
+/// The server configuration: our certificate, optional client certificates verified against
+/// `roots`, ALPN h2 only.
+pub fn server_config(
+    cert: Arc<SwappableCert>,
+    roots: &[Vec<u8>],
+) -> Result<Arc<ServerConfig>, Error> {
+    let mut store = RootCertStore::empty();
+    for r in roots {
+        store
+            .add(CertificateDer::from(r.clone()))
+            .map_err(|e| Error::Verifier(e.to_string()))?;
+    }
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
+        .allow_unauthenticated()
+        .build()
+        .map_err(|e| Error::Verifier(e.to_string()))?;
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(cert);
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
