@@ -218,3 +218,198 @@ pub fn csr_with(
 pub fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
+
+/// A running `cactl serve`, killed on drop.
+pub struct Server {
+    pub child: std::process::Child,
+    pub grpc: String,
+    pub metrics: String,
+    pub plaintext: Option<String>,
+    pub stderr_path: PathBuf,
+}
+
+impl Server {
+    /// Starts `cactl serve` in `env` (config `cactl.yaml`) on loopback ports chosen by the OS.
+    pub fn start(env: &Env, extra: &[&str]) -> Self {
+        use std::io::BufRead as _;
+        let stderr_path = env.path(&format!("serve-{}.log", std::process::id()));
+        let stderr = std::fs::File::create(&stderr_path).unwrap();
+        let mut args = vec![
+            "--output",
+            "json",
+            "--log-level",
+            "info",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ];
+        args.extend_from_slice(extra);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cactl"))
+            .args(&args)
+            .current_dir(env.dir.path())
+            .env_remove("CACTL_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("spawn cactl serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let line = match lines.next() {
+            Some(Ok(l)) => l,
+            _ => {
+                let _ = child.wait();
+                panic!(
+                    "cactl serve did not start: {}",
+                    std::fs::read_to_string(&stderr_path).unwrap_or_default()
+                );
+            }
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert_eq!(v["event"], "listening", "{line}");
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Self {
+            child,
+            grpc: v["bound"]["grpc"].as_str().unwrap().to_owned(),
+            metrics: v["bound"]["metrics"].as_str().unwrap().to_owned(),
+            plaintext: v["bound"]["plaintext"].as_str().map(str::to_owned),
+            stderr_path,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for exit; returns the exit code.
+    pub fn terminate(&mut self) -> i32 {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code().unwrap_or(-1);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("cactl serve did not stop on SIGTERM");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP GET on loopback (for /metrics, /healthz, /readyz): (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let status = out
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// A token signer with its JWK (ES256 or RS256), for JWKS files in tests.
+pub struct TokenKey {
+    pub kid: String,
+    pub alg: jsonwebtoken::Algorithm,
+    pub encoding: jsonwebtoken::EncodingKey,
+    pub jwk: serde_json::Value,
+}
+
+impl TokenKey {
+    pub fn new(kid: &str, rsa: bool) -> Self {
+        use base64::Engine as _;
+        use cactl::pki::key::{KeyAlgorithm, SecretKey};
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let key = SecretKey::generate(if rsa {
+            KeyAlgorithm::Rsa2048
+        } else {
+            KeyAlgorithm::EcdsaP256
+        })
+        .unwrap();
+        let spki = key.public_key_spki();
+        use x509_parser::prelude::FromDer as _;
+        let (_, parsed) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&spki).unwrap();
+        let pem = key.to_pkcs8_pem();
+        if rsa {
+            let Ok(x509_parser::public_key::PublicKey::RSA(r)) = parsed.parsed() else {
+                panic!()
+            };
+            let strip = |b: &[u8]| {
+                b.iter()
+                    .skip_while(|x| **x == 0)
+                    .copied()
+                    .collect::<Vec<u8>>()
+            };
+            Self {
+                kid: kid.into(),
+                alg: jsonwebtoken::Algorithm::RS256,
+                encoding: jsonwebtoken::EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
+                jwk: serde_json::json!({"kty": "RSA", "alg": "RS256", "use": "sig", "kid": kid,
+                    "n": b64.encode(strip(r.modulus)), "e": b64.encode(strip(r.exponent))}),
+            }
+        } else {
+            let point = &spki[spki.len() - 65..];
+            Self {
+                kid: kid.into(),
+                alg: jsonwebtoken::Algorithm::ES256,
+                encoding: jsonwebtoken::EncodingKey::from_ec_pem(pem.as_bytes()).unwrap(),
+                jwk: serde_json::json!({"kty": "EC", "crv": "P-256", "alg": "ES256", "use": "sig", "kid": kid,
+                    "x": b64.encode(&point[1..33]), "y": b64.encode(&point[33..])}),
+            }
+        }
+    }
+
+    /// Mints a projected-SA-style token; `mutate` edits the claims first.
+    pub fn token(
+        &self,
+        iss: &str,
+        ns: &str,
+        sa: &str,
+        mutate: impl FnOnce(&mut serde_json::Value),
+    ) -> String {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let mut claims = serde_json::json!({
+            "iss": iss, "aud": ["istio-ca"], "iat": now, "nbf": now, "exp": now + 3600,
+            "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "kubernetes.io": {"namespace": ns, "serviceaccount": {"name": sa, "uid": "u"}},
+        });
+        mutate(&mut claims);
+        let mut header = jsonwebtoken::Header::new(self.alg);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, &claims, &self.encoding).unwrap()
+    }
+}
+
+pub fn jwks(keys: &[&TokenKey]) -> String {
+    serde_json::json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string()
+}
