@@ -413,3 +413,20 @@ impl TokenKey {
 pub fn jwks(keys: &[&TokenKey]) -> String {
     serde_json::json!({"keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>()}).to_string()
 }
+
+/// The Python interpreter of the interop venv: `CACTL_PYTHON`, or `python3` if it has grpcio.
+pub fn python_with_grpc() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CACTL_PYTHON") {
+        return Some(PathBuf::from(p));
+    }
+    match Command::new("python3")
+        .args([
+            "-c",
+            "import grpc, grpc_tools, cryptography.x509.verification",
+        ])
+        .output()
+    {
+        Ok(o) if o.status.success() => Some(PathBuf::from("python3")),
+        _ => missing("python3 with grpcio, grpcio-tools and cryptography"),
+    }
+}
