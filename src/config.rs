@@ -109,6 +109,9 @@ pub struct ServeConfig {
     /// `structural` verifies the issuer chain cryptographically whenever issuers load and
     /// checks each leaf's place in it (issuer name, key identifier, validity, public key).
     pub verify_issued: VerifyIssued,
+    /// gRPC worker threads (default: one per CPU).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
     /// How often the state store is polled for new intermediates (hot swap).
     #[serde(with = "humantime_serde")]
     pub reload_interval: StdDuration,
@@ -157,6 +160,7 @@ impl Default for ServeConfig {
             token_cache_entries: 100_000,
             clock_skew: StdDuration::from_secs(60),
             verify_issued: VerifyIssued::Structural,
+            workers: None,
             reload_interval: StdDuration::from_secs(10),
         }
     }

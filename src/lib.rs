@@ -8,6 +8,7 @@
 
 pub mod authority;
 pub mod backend;
+pub mod bench;
 pub mod bundle;
 pub mod ca;
 pub mod cacerts;

@@ -176,10 +176,7 @@ pub async fn run(
         addr: config.serve.listen.clone(),
         source,
     })?;
-    let grpc_listener = TcpListener::from_std(grpc_std).map_err(|source| Error::Bind {
-        addr: config.serve.listen.clone(),
-        source,
-    })?;
+    // Each worker registers a clone of this listener with its own runtime.
     let plaintext = match &config.serve.plaintext_listen {
         Some(a) => {
             let l = bind(a)?;
@@ -219,39 +216,32 @@ pub async fn run(
             .max_encoding_message_size(4 * 1024 * 1024)
     };
 
-    // TLS handshakes run in their own tasks so a slow client never blocks accepting.
-    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(1024);
-    let accept_shared = shared.clone();
-    let mut accept_shutdown = shutdown.clone();
-    let acceptor_task = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                () = stopped(&mut accept_shutdown) => break,
-                accepted = grpc_listener.accept() => {
-                    let (tcp, peer) = match accepted {
-                        Ok(x) => x,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    let _ = tcp.set_nodelay(true);
-                    let acceptor = TlsAcceptor::from(accept_shared.tls_config.load_full());
-                    let tx = conn_tx.clone();
-                    tokio::spawn(async move {
-                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => {
-                                let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
-                            }
-                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                        }
-                    });
-                }
-            }
-        }
-    });
+    // One single-threaded runtime per core, each accepting from the shared listener and
+    // serving its own connections. A FIFO scheduler lets the responses of all streams that
+    // finished in one pass go out in one write, instead of one write per response.
+    let workers = config
+        .serve
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+        .max(1);
+    let mut worker_threads = Vec::with_capacity(workers);
+    for n in 0..workers {
+        let listener = grpc_std.try_clone().map_err(|source| Error::Bind {
+            addr: config.serve.listen.clone(),
+            source,
+        })?;
+        let shared = shared.clone();
+        let svc = make_svc();
+        let shutdown = shutdown.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("cactl-grpc-{n}"))
+            .spawn(move || grpc_worker(listener, shared, svc, shutdown))
+            .map_err(|source| Error::Bind {
+                addr: config.serve.listen.clone(),
+                source,
+            })?;
+        worker_threads.push(handle);
+    }
 
     // Background maintenance.
     let maint = tokio::spawn(maintain(shared.clone(), tokens, shutdown.clone()));
@@ -273,33 +263,40 @@ pub async fn run(
             let _ = s.wait_for(|v| *v).await;
         }
     };
-    let tls_server = tonic::transport::Server::builder()
-        .add_service(make_svc())
-        .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), stop);
     let result = match plaintext {
         Some(l) => {
-            let stop2 = {
-                let mut s = shutdown.clone();
-                async move {
-                    let _ = s.wait_for(|v| *v).await;
-                }
-            };
-            let plain = tonic::transport::Server::builder()
+            builder()
                 .add_service(make_svc())
-                .serve_with_incoming_shutdown(TcpListenerStream::new(l), stop2);
-            let (a, b) = tokio::join!(tls_server, plain);
-            a.and(b)
+                .serve_with_incoming_shutdown(TcpListenerStream::new(l), stop)
+                .await
         }
-        None => tls_server.await,
+        None => {
+            stop.await;
+            Ok(())
+        }
     };
+    let worker_results = tokio::task::spawn_blocking(move || {
+        worker_threads
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err("worker panicked".to_owned()))
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap_or_default();
     metrics
         .ready
         .store(false, std::sync::atomic::Ordering::Relaxed);
     let _ = shutdown.wait_for(|v| *v).await;
-    acceptor_task.abort();
     maint.abort();
     let _ = tokio::task::spawn_blocking(move || metrics_thread.join()).await;
-    result.map_err(|e| Error::Server(e.to_string()))
+    result.map_err(|e| Error::Server(e.to_string()))?;
+    for r in worker_results {
+        r.map_err(Error::Server)?;
+    }
+    Ok(())
 }
 
 fn issue_serving(
@@ -426,4 +423,71 @@ async fn maintain(
 /// Resolves once `rx` holds `true` (or its sender is gone).
 async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+/// Large flow-control windows: requests and responses are a few KiB, so WINDOW_UPDATE frames
+/// (and the writes that carry them) become rare.
+fn builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .initial_stream_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .max_concurrent_streams(1024)
+}
+
+/// One gRPC worker: a current-thread runtime that accepts, handshakes and serves until
+/// shutdown, then lets in-flight requests finish.
+fn grpc_worker(
+    listener: std::net::TcpListener,
+    shared: Arc<Shared>,
+    svc: IstioCertificateServiceServer<CaService>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("worker runtime: {e}"))?;
+    rt.block_on(async move {
+        let listener = TcpListener::from_std(listener).map_err(|e| format!("listener: {e}"))?;
+        let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(256);
+        let mut accept_shutdown = shutdown.clone();
+        // TLS handshakes run in their own tasks so a slow client never blocks accepting.
+        let acceptor = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stopped(&mut accept_shutdown) => break,
+                    accepted = listener.accept() => {
+                        let (tcp, peer) = match accepted {
+                            Ok(x) => x,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "accept failed");
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        };
+                        let _ = tcp.set_nodelay(true);
+                        let acceptor = TlsAcceptor::from(shared.tls_config.load_full());
+                        let tx = conn_tx.clone();
+                        tokio::spawn(async move {
+                            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                                Ok(Ok(tls)) => {
+                                    let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                                }
+                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                            }
+                        });
+                    }
+                }
+            }
+        });
+        let mut stop_rx = shutdown.clone();
+        let result = builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+                stopped(&mut stop_rx).await;
+            })
+            .await;
+        acceptor.abort();
+        result.map_err(|e| e.to_string())
+    })
 }

@@ -122,6 +122,8 @@ pub enum Command {
     DevToken(DevTokenArgs),
     /// Request a workload certificate from a running `cactl serve` (a gRPC client).
     Request(RequestArgs),
+    /// Benchmark the signing service against the raw crypto cost of this machine.
+    Bench(BenchArgs),
     /// Show roots and every cluster's intermediate.
     Status {
         /// Evaluate at this time (RFC 3339) instead of now.
@@ -211,6 +213,35 @@ pub struct RequestArgs {
     /// Write key.pem, cert-chain.pem and root-cert.pem here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// `cactl bench` arguments.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Concurrency levels (in-flight requests), comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,64")]
+    pub concurrency: Vec<usize>,
+    /// Measuring time per level.
+    #[arg(long, default_value = "10s")]
+    pub duration: String,
+    /// Warm-up per level.
+    #[arg(long, default_value = "2s")]
+    pub warmup: String,
+    /// Client styles in the request mix: ztunnel (P-256 CSRs) and/or agent (RSA-2048, O=).
+    #[arg(long, value_delimiter = ',', default_value = "ztunnel")]
+    pub styles: Vec<String>,
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Distinct workload identities (one token each).
+    #[arg(long, default_value_t = 64)]
+    pub identities: usize,
+    /// How the server checks issued chains: structural or full.
+    #[arg(long, default_value = "structural")]
+    pub verify_issued: String,
+    /// Pin the server to these CPUs (taskset syntax).
+    #[arg(long)]
+    pub server_cpus: Option<String>,
 }
 
 /// `cactl cluster` subcommands.
@@ -326,6 +357,7 @@ fn execute(cli: &Cli) -> Result<()> {
         Command::Serve(args) => serve(cli, args),
         Command::DevToken(args) => dev_token(cli, args, now),
         Command::Request(args) => request(cli, args),
+        Command::Bench(args) => bench(cli, args),
     }
 }
 
@@ -827,5 +859,40 @@ fn request(cli: &Cli, args: &RequestArgs) -> Result<()> {
         fsutil::write_atomic(&dir.join("root-cert.pem"), chain[n - 1].as_bytes(), 0o644)?;
     }
     output::requested(cli.output, &chain);
+    Ok(())
+}
+
+fn bench(cli: &Cli, args: &BenchArgs) -> Result<()> {
+    let dur = |t: &str, what: &str| {
+        humantime::parse_duration(t).with_context(|| format!("--{what} {t:?} is not a duration"))
+    };
+    for s in &args.styles {
+        if s != "agent" && s != "ztunnel" {
+            bail!("--styles: {s:?} is neither agent nor ztunnel");
+        }
+    }
+    let verify = match args.verify_issued.as_str() {
+        "structural" => String::new(),
+        "full" => "  verify_issued: full\n".to_owned(),
+        other => bail!("--verify-issued {other:?}: use structural or full"),
+    };
+    let opts = crate::bench::Options {
+        concurrency: args.concurrency.clone(),
+        duration: dur(&args.duration, "duration")?,
+        warmup: dur(&args.warmup, "warmup")?,
+        styles: args.styles.clone(),
+        connections: args.connections,
+        identities: args.identities.max(1),
+        server_bin: std::env::current_exe().context("cannot find the cactl binary")?,
+        serve_extra: verify,
+        workdir: None,
+        server_cpus: args.server_cpus.clone(),
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(crate::bench::run(opts, |m| eprintln!("bench: {m}")))?;
+    output::bench(cli.output, &report);
     Ok(())
 }

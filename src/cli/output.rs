@@ -264,3 +264,55 @@ pub(super) fn requested(format: OutputFormat, chain: &[String]) {
         OutputFormat::Json => outln!("{}", json!({"cert_chain": chain})),
     }
 }
+
+pub(super) fn bench(format: OutputFormat, r: &crate::bench::Report) {
+    match format {
+        OutputFormat::Json => outln!("{}", json!(r)),
+        OutputFormat::Text => {
+            outln!(
+                "raw crypto (ring, 1 core): P-256 verify {:.1} us, P-256 sign {:.1} us, RSA-2048 verify {:.1} us -> limit {:.0} certs/s/core (P-256 CSRs), {:.0} (RSA CSRs); after the run: {:.0} / {:.0}",
+                r.raw.verify_us,
+                r.raw.sign_us,
+                r.raw.rsa_verify_us,
+                r.raw.limit_per_core,
+                r.raw.limit_per_core_rsa_csr,
+                r.raw_after.limit_per_core,
+                r.raw_after.limit_per_core_rsa_csr
+            );
+            outln!(
+                "cores {}, mix {:?}, verify_issued {}",
+                r.cores,
+                r.styles,
+                r.verify_issued
+            );
+            outln!(
+                "{:>6} {:>10} {:>7} {:>9} {:>9} {:>9} {:>12} {:>8} {:>8} {:>9}",
+                "conc",
+                "certs/s",
+                "errors",
+                "p50 ms",
+                "p99 ms",
+                "p999 ms",
+                "srv CPU us",
+                "ratio",
+                "CPU/raw",
+                "RSS KiB"
+            );
+            for l in &r.levels {
+                outln!(
+                    "{:>6} {:>10.0} {:>7} {:>9.2} {:>9.2} {:>9.2} {:>12.1} {:>8.3} {:>8.2} {:>9}",
+                    l.concurrency,
+                    l.throughput,
+                    l.errors,
+                    l.p50_ms,
+                    l.p99_ms,
+                    l.p999_ms,
+                    l.server_cpu_us_per_cert,
+                    l.ratio_to_limit,
+                    l.cpu_over_raw,
+                    l.server_rss_kib
+                );
+            }
+        }
+    }
+}

@@ -195,12 +195,12 @@ impl CaService {
             ))
         })?;
         let now = OffsetDateTime::now_utc();
-        let issued = issuer
-            .issue_verified(&approved, now, self.verify == VerifyIssued::Full)
+        let leaf = issuer
+            .sign_checked(&approved, now, self.verify == VerifyIssued::Full)
             .map_err(|e| Failure::Internal(e.to_string()))?;
-        let chain = issuer.response_chain(&issued.leaf);
+        let chain = issuer.response_chain(&leaf);
         if tracing::enabled!(tracing::Level::INFO) {
-            let serial = crate::pki::cert::CertInfo::from_der(&issued.leaf)
+            let serial = crate::pki::cert::CertInfo::from_der(&leaf)
                 .map(|i| i.serial_hex)
                 .unwrap_or_default();
             tracing::info!(

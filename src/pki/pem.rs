@@ -27,6 +27,9 @@ pub fn certificates(text: &str) -> Result<Vec<Vec<u8>>, Error> {
 /// Returns the DER of the first `CERTIFICATE REQUEST` (or legacy `NEW CERTIFICATE REQUEST`)
 /// block in `text`.
 pub fn csr(text: &str) -> Result<Vec<u8>, Error> {
+    if let Some(der) = single_block_fast(text, "CERTIFICATE REQUEST") {
+        return Ok(der);
+    }
     parse_all(text)?
         .into_iter()
         .find(|b| matches!(b.tag(), "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST"))
@@ -34,6 +37,29 @@ pub fn csr(text: &str) -> Result<Vec<u8>, Error> {
         .ok_or(Error::MissingBlock {
             expected: "CERTIFICATE REQUEST",
         })
+}
+
+/// Fast path for the common case on the signing path: `text` is exactly one block with `tag`
+/// (surrounding whitespace allowed). Anything else returns `None` and goes through the full
+/// parser, which also produces the precise error.
+fn single_block_fast(text: &str, tag: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    let t = text.trim();
+    let body = t
+        .strip_prefix("-----BEGIN ")?
+        .strip_prefix(tag)?
+        .strip_prefix("-----")?;
+    let body = body
+        .strip_suffix("-----")?
+        .strip_suffix(tag)?
+        .strip_suffix("-----END ")?;
+    if body.contains('-') || body.contains(':') {
+        return None;
+    }
+    let compact: Vec<u8> = body.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(compact)
+        .ok()
 }
 
 /// Encodes DER as one PEM block with LF line endings and a trailing newline.
@@ -72,6 +98,35 @@ mod tests {
     fn damaged_block_is_an_error() {
         let text = "-----BEGIN CERTIFICATE-----\n!!!notbase64\n-----END CERTIFICATE-----\n";
         assert!(matches!(certificates(text), Err(Error::Pem(_))));
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_parser() {
+        let text = encode(
+            "CERTIFICATE REQUEST",
+            b"hello csr bytes, long enough to wrap the base64 lines",
+        );
+        assert_eq!(
+            single_block_fast(&text, "CERTIFICATE REQUEST"),
+            Some(b"hello csr bytes, long enough to wrap the base64 lines".to_vec())
+        );
+        assert_eq!(
+            csr(&text).unwrap(),
+            b"hello csr bytes, long enough to wrap the base64 lines".to_vec()
+        );
+        // Headers, other tags or two blocks fall back to the full parser.
+        assert_eq!(
+            single_block_fast(&format!("{text}{text}"), "CERTIFICATE REQUEST"),
+            None
+        );
+        assert_eq!(
+            single_block_fast(&text.replace("REQUEST", "REQ"), "CERTIFICATE REQUEST"),
+            None
+        );
+        assert!(matches!(
+            csr("-----BEGIN CERTIFICATE REQUEST-----\n%%%\n-----END CERTIFICATE REQUEST-----\n"),
+            Err(Error::Pem(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,504 @@
+//! `cactl bench`: a load generator for the signing service, and the raw crypto cost measured in
+//! the same run, so throughput is reported as a ratio against the physical limit of the machine.
+//!
+//! By default it starts a `cactl serve` child process (P-256 CA key) on loopback with a JWKS
+//! made for the run, pre-generates CSRs in both client styles (istio-agent: RSA-2048, subject
+//! `O=`; ztunnel: P-256, empty subject) and one token per identity (so after the first request
+//! per identity, authentication is the cached path), then drives the server over TLS at each
+//! concurrency for a fixed time. It reads the server's CPU time from `/proc` to report CPU per
+//! certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ring::rand::SystemRandom;
+use ring::signature::{self, EcdsaKeyPair, KeyPair};
+use serde::Serialize;
+
+use crate::client;
+use crate::grpc::proto::istio_certificate_service_client::IstioCertificateServiceClient;
+use crate::pki::key::{KeyAlgorithm, SecretKey};
+
+/// Bench errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Set-up failed.
+    #[error("bench set-up: {0}")]
+    Setup(String),
+}
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Concurrency levels (in-flight requests).
+    pub concurrency: Vec<usize>,
+    /// Time per level.
+    pub duration: Duration,
+    /// Warm-up per level.
+    pub warmup: Duration,
+    /// Client styles to mix: "agent", "ztunnel".
+    pub styles: Vec<String>,
+    /// HTTP/2 connections to spread streams over.
+    pub connections: usize,
+    /// Distinct identities (and tokens).
+    pub identities: usize,
+    /// The cactl binary to run as the server.
+    pub server_bin: PathBuf,
+    /// Extra config lines under `serve:` (e.g. `verify_issued: full`).
+    pub serve_extra: String,
+    /// Where to keep the server's files (a temporary directory is used when `None`).
+    pub workdir: Option<PathBuf>,
+    /// Pin the server to these CPUs (taskset list), if set.
+    pub server_cpus: Option<String>,
+}
+
+/// Raw crypto cost of one certificate: verify a P-256 CSR signature, make one P-256 signature.
+#[derive(Clone, Debug, Serialize)]
+pub struct RawCost {
+    /// µs per P-256 verify.
+    pub verify_us: f64,
+    /// µs per P-256 sign.
+    pub sign_us: f64,
+    /// µs per RSA-2048 verify (istio-agent CSRs).
+    pub rsa_verify_us: f64,
+    /// Certificates per second per core: 1 / (verify + sign), P-256 CSRs.
+    pub limit_per_core: f64,
+    /// Same with RSA-2048 CSRs.
+    pub limit_per_core_rsa_csr: f64,
+}
+
+/// One concurrency level's result.
+#[derive(Clone, Debug, Serialize)]
+pub struct LevelResult {
+    /// In-flight requests.
+    pub concurrency: usize,
+    /// Successful requests.
+    pub ok: u64,
+    /// Failed requests.
+    pub errors: u64,
+    /// Requests per second.
+    pub throughput: f64,
+    /// Latency percentiles in ms.
+    pub p50_ms: f64,
+    /// 99th percentile.
+    pub p99_ms: f64,
+    /// 99.9th percentile.
+    pub p999_ms: f64,
+    /// Server CPU seconds per certificate, in µs.
+    pub server_cpu_us_per_cert: f64,
+    /// Throughput ÷ (raw limit per core × cores).
+    pub ratio_to_limit: f64,
+    /// Server CPU per certificate ÷ raw crypto cost per certificate (for the request mix).
+    pub cpu_over_raw: f64,
+    /// Server resident memory at the end of the level, KiB.
+    pub server_rss_kib: u64,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// CPUs available.
+    pub cores: usize,
+    /// Request mix.
+    pub styles: Vec<String>,
+    /// Raw crypto cost measured before the levels.
+    pub raw: RawCost,
+    /// Raw crypto cost measured after the levels.
+    pub raw_after: RawCost,
+    /// Per level.
+    pub levels: Vec<LevelResult>,
+    /// `serve.verify_issued` in effect.
+    pub verify_issued: String,
+}
+
+/// Measures the raw crypto cost with ring, single-threaded, for about `budget`.
+pub fn raw_cost(budget: Duration) -> Result<RawCost, Error> {
+    let rng = SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
+        .map_err(|_| Error::Setup("keygen".into()))?;
+    let kp = EcdsaKeyPair::from_pkcs8(
+        &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        pkcs8.as_ref(),
+        &rng,
+    )
+    .map_err(|_| Error::Setup("key".into()))?;
+    let msg = [7u8; 512];
+    let per = budget / 3;
+    let t = Instant::now();
+    let mut n = 0u64;
+    let mut sig = Vec::new();
+    while t.elapsed() < per {
+        sig = kp
+            .sign(&rng, &msg)
+            .map_err(|_| Error::Setup("sign".into()))?
+            .as_ref()
+            .to_vec();
+        n += 1;
+    }
+    let sign_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let pk = signature::UnparsedPublicKey::new(
+        &signature::ECDSA_P256_SHA256_ASN1,
+        kp.public_key().as_ref().to_vec(),
+    );
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < per {
+        pk.verify(&msg, &sig)
+            .map_err(|_| Error::Setup("verify".into()))?;
+        n += 1;
+    }
+    let verify_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    // RSA-2048 verify.
+    let rsa =
+        SecretKey::generate(KeyAlgorithm::Rsa2048).map_err(|e| Error::Setup(e.to_string()))?;
+    let rsa_kp = signature::RsaKeyPair::from_pkcs8(&rsa.to_pkcs8_der())
+        .map_err(|_| Error::Setup("rsa".into()))?;
+    let mut rsa_sig = vec![0u8; rsa_kp.public().modulus_len()];
+    rsa_kp
+        .sign(&signature::RSA_PKCS1_SHA256, &rng, &msg, &mut rsa_sig)
+        .map_err(|_| Error::Setup("rsa sign".into()))?;
+    let rsa_pk = signature::UnparsedPublicKey::new(
+        &signature::RSA_PKCS1_2048_8192_SHA256,
+        rsa_kp.public().as_ref().to_vec(),
+    );
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < per {
+        rsa_pk
+            .verify(&msg, &rsa_sig)
+            .map_err(|_| Error::Setup("rsa verify".into()))?;
+        n += 1;
+    }
+    let rsa_verify_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    Ok(RawCost {
+        verify_us,
+        sign_us,
+        rsa_verify_us,
+        limit_per_core: 1e6 / (verify_us + sign_us),
+        limit_per_core_rsa_csr: 1e6 / (rsa_verify_us + sign_us),
+    })
+}
+
+struct Work {
+    /// (token, csr) pairs; the CSR's identity is the token's.
+    items: Vec<(String, String)>,
+}
+
+struct ServerProc {
+    child: std::process::Child,
+    addr: String,
+    bundle: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for ServerProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn write(path: &Path, text: &str) -> Result<(), Error> {
+    std::fs::write(path, text).map_err(|e| Error::Setup(format!("{}: {e}", path.display())))
+}
+
+fn start_server(opts: &Options, jwks: &str) -> Result<ServerProc, Error> {
+    use std::io::BufRead as _;
+    let (dir, tmp) = match &opts.workdir {
+        Some(d) => {
+            std::fs::create_dir_all(d).map_err(|e| Error::Setup(e.to_string()))?;
+            (d.clone(), None)
+        }
+        None => {
+            let t = tempfile::tempdir().map_err(|e| Error::Setup(e.to_string()))?;
+            (t.path().to_path_buf(), Some(t))
+        }
+    };
+    write(&dir.join("jwks.json"), jwks)?;
+    write(
+        &dir.join("cactl.yaml"),
+        &format!(
+            "serve:\n  listen: 127.0.0.1:0\n  metrics_listen: 127.0.0.1:0\n  dns_names: [cactl.bench.svc]\n{}clusters:\n- name: bench\n  auth: {{issuer: bench-issuer, jwks_file: jwks.json}}\n",
+            opts.serve_extra
+        ),
+    )?;
+    let run = |args: &[&str]| -> Result<String, Error> {
+        let out = std::process::Command::new(&opts.server_bin)
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        if !out.status.success() {
+            return Err(Error::Setup(
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    if !dir.join("cactl-state/state.json").exists() {
+        run(&["init"])?;
+        run(&["issue", "bench"])?;
+    }
+    let bundle = run(&["bundle"])?;
+    let mut cmd = match &opts.server_cpus {
+        Some(cpus) => {
+            let mut c = std::process::Command::new("taskset");
+            c.args(["-c", cpus]).arg(&opts.server_bin);
+            c
+        }
+        None => std::process::Command::new(&opts.server_bin),
+    };
+    let mut child = cmd
+        .args(["--output", "json", "serve"])
+        .current_dir(&dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| Error::Setup(format!("start server: {e}")))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| Error::Setup("no stdout".into()))?;
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let line = lines
+        .next()
+        .and_then(Result::ok)
+        .ok_or_else(|| Error::Setup("server did not start".into()))?;
+    std::thread::spawn(move || for _ in lines {});
+    let v: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| Error::Setup(format!("{e}: {line}")))?;
+    let addr = v["bound"]["grpc"]
+        .as_str()
+        .ok_or_else(|| Error::Setup(line.clone()))?
+        .to_owned();
+    Ok(ServerProc {
+        child,
+        addr,
+        bundle,
+        _dir: tmp,
+    })
+}
+
+/// utime+stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of stat; index 11 and 12 after the state field.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+fn make_work(opts: &Options, key: &jsonwebtoken::EncodingKey, kid: &str) -> Result<Work, Error> {
+    let mut items = Vec::new();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    for i in 0..opts.identities {
+        let sa = format!("sa-{i}");
+        let claims = serde_json::json!({
+            "iss": "bench-issuer", "aud": ["istio-ca"], "iat": now, "nbf": now, "exp": now + 7200,
+            "sub": format!("system:serviceaccount:bench:{sa}"),
+            "kubernetes.io": {"namespace": "bench", "serviceaccount": {"name": sa, "uid": "u"}},
+        });
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(kid.to_owned());
+        let token =
+            jsonwebtoken::encode(&header, &claims, key).map_err(|e| Error::Setup(e.to_string()))?;
+        let identity = format!("spiffe://cluster.local/ns/bench/sa/{sa}");
+        for style in &opts.styles {
+            let agent = style == "agent";
+            let wk = SecretKey::generate(if agent {
+                KeyAlgorithm::Rsa2048
+            } else {
+                KeyAlgorithm::EcdsaP256
+            })
+            .map_err(|e| Error::Setup(e.to_string()))?;
+            let csr =
+                client::make_csr(&wk, &identity, agent).map_err(|e| Error::Setup(e.to_string()))?;
+            items.push((token.clone(), csr));
+        }
+    }
+    Ok(Work { items })
+}
+
+/// Runs the benchmark.
+pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error> {
+    crate::tls::install_default_provider();
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    progress("measuring raw crypto cost");
+    let raw = tokio::task::spawn_blocking(|| raw_cost(Duration::from_secs(3)))
+        .await
+        .map_err(|e| Error::Setup(e.to_string()))??;
+
+    let token_key =
+        SecretKey::generate(KeyAlgorithm::EcdsaP256).map_err(|e| Error::Setup(e.to_string()))?;
+    let dev = jwk_for(&token_key, "bench-1")?;
+    let enc = jsonwebtoken::EncodingKey::from_ec_pem(token_key.to_pkcs8_pem().as_bytes())
+        .map_err(|e| Error::Setup(e.to_string()))?;
+    progress("generating CSRs and tokens");
+    let opts2 = opts.clone();
+    let work = Arc::new(
+        tokio::task::spawn_blocking(move || make_work(&opts2, &enc, "bench-1"))
+            .await
+            .map_err(|e| Error::Setup(e.to_string()))??,
+    );
+    progress("starting cactl serve");
+    let server = start_server(&opts, &dev)?;
+    let pid = server.child.id();
+    let mut channels = Vec::new();
+    for _ in 0..opts.connections.max(1) {
+        let ch = client::connect(&server.addr, &server.bundle, "cactl.bench.svc")
+            .await
+            .map_err(|e| Error::Setup(e.to_string()))?;
+        channels.push(ch);
+    }
+    // Share of RSA CSRs in the mix, for the raw cost of the mix.
+    let rsa_share = opts.styles.iter().filter(|s| *s == "agent").count() as f64
+        / opts.styles.len().max(1) as f64;
+    let raw_us = rsa_share * (raw.rsa_verify_us + raw.sign_us)
+        + (1.0 - rsa_share) * (raw.verify_us + raw.sign_us);
+
+    let mut levels = Vec::new();
+    for &conc in &opts.concurrency {
+        progress(&format!("concurrency {conc}: warm-up"));
+        let _ = drive(&channels, &work, conc, opts.warmup).await;
+        progress(&format!(
+            "concurrency {conc}: measuring {:?}",
+            opts.duration
+        ));
+        let cpu0 = cpu_seconds(pid);
+        let (ok, errors, mut lat, elapsed) = drive(&channels, &work, conc, opts.duration).await;
+        let cpu = cpu_seconds(pid) - cpu0;
+        lat.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
+            lat[i] as f64 / 1000.0
+        };
+        let throughput = ok as f64 / elapsed;
+        let cpu_us = if ok > 0 { cpu * 1e6 / ok as f64 } else { 0.0 };
+        levels.push(LevelResult {
+            concurrency: conc,
+            ok,
+            errors,
+            throughput,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            p999_ms: pct(0.999),
+            server_cpu_us_per_cert: cpu_us,
+            ratio_to_limit: throughput * raw_us / 1e6 / cores as f64,
+            cpu_over_raw: cpu_us / raw_us,
+            server_rss_kib: rss_kib(pid),
+        });
+    }
+    drop(server);
+    progress("measuring raw crypto cost again");
+    let raw_after = tokio::task::spawn_blocking(|| raw_cost(Duration::from_secs(3)))
+        .await
+        .map_err(|e| Error::Setup(e.to_string()))??;
+    let verify_issued = if opts.serve_extra.contains("full") {
+        "full"
+    } else {
+        "structural"
+    };
+    Ok(Report {
+        cores,
+        styles: opts.styles,
+        raw,
+        raw_after,
+        levels,
+        verify_issued: verify_issued.into(),
+    })
+}
+
+/// Keeps `conc` requests in flight for `dur`; returns (ok, errors, latencies µs, seconds).
+async fn drive(
+    channels: &[tonic::transport::Channel],
+    work: &Arc<Work>,
+    conc: usize,
+    dur: Duration,
+) -> (u64, u64, Vec<u64>, f64) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for w in 0..conc {
+        let mut c = IstioCertificateServiceClient::new(channels[w % channels.len()].clone());
+        let stop = stop.clone();
+        let ok = ok.clone();
+        let errors = errors.clone();
+        let work = work.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut i = w;
+            while !stop.load(Ordering::Relaxed) {
+                let (token, csr) = &work.items[i % work.items.len()];
+                i += conc;
+                let Ok(req) = client::request(csr, 0, Some(token), Some("bench")) else {
+                    errors.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let t = Instant::now();
+                match c.create_certificate(req).await {
+                    Ok(r) if r.get_ref().cert_chain.len() >= 2 => {
+                        lat.push(t.elapsed().as_micros() as u64);
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            lat
+        }));
+    }
+    tokio::time::sleep(dur).await;
+    stop.store(true, Ordering::Relaxed);
+    let elapsed_at_stop = start.elapsed().as_secs_f64();
+    let mut all = Vec::new();
+    for t in tasks {
+        if let Ok(l) = t.await {
+            all.extend(l);
+        }
+    }
+    // Requests finishing after the stop flag are counted; the window ends when the last does.
+    let elapsed = start.elapsed().as_secs_f64().max(elapsed_at_stop);
+    (
+        ok.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+        all,
+        elapsed,
+    )
+}
+
+fn jwk_for(key: &SecretKey, kid: &str) -> Result<String, Error> {
+    use base64::Engine as _;
+    let spki = key.public_key_spki();
+    let point = spki
+        .get(spki.len().saturating_sub(65)..)
+        .ok_or_else(|| Error::Setup("spki".into()))?;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    Ok(
+        serde_json::json!({"keys": [{"kty": "EC", "crv": "P-256", "alg": "ES256", "kid": kid,
+        "x": b64.encode(&point[1..33]), "y": b64.encode(&point[33..])}]})
+        .to_string(),
+    )
+}
