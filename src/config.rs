@@ -135,6 +135,8 @@ impl Default for ClusterAuth {
             jwks_file: None,
             jwks_url: None,
             jwks_ca_file: None,
+            jwks_from_cluster: false,
+            token_review: false,
             dev_issuer: false,
             jwks_refresh: StdDuration::from_secs(300),
         }
@@ -182,6 +184,13 @@ pub struct ClusterAuth {
     /// JWKS URL (e.g. the issuer's `/openid/v1/jwks`); fetched periodically.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwks_url: Option<String>,
+    /// Fetch the JWKS from the cluster's own `/openid/v1/jwks` through its API credentials.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub jwks_from_cluster: bool,
+    /// When a token does not verify locally (unknown issuer key, no JWKS), ask the cluster
+    /// with a TokenReview; verdicts are cached like verified tokens.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub token_review: bool,
     /// CA bundle (PEM) for the JWKS URL's TLS, in addition to the system roots.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jwks_ca_file: Option<PathBuf>,
@@ -266,6 +275,15 @@ pub struct ClusterConfig {
     /// How this cluster's workloads authenticate to `cactl serve`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auth: Option<ClusterAuth>,
+    /// Kubeconfig file for this cluster (relative to the config file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Context in the kubeconfig (default: its current context).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
+    /// Use the in-cluster service account instead of a kubeconfig.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub in_cluster: bool,
 }
 
 impl ClusterConfig {
@@ -274,7 +292,15 @@ impl ClusterConfig {
         Self {
             name: name.to_owned(),
             auth: None,
+            kubeconfig: None,
+            context: None,
+            in_cluster: false,
         }
+    }
+
+    /// Whether cactl can reach this cluster's API server.
+    pub fn has_api_access(&self) -> bool {
+        self.in_cluster || self.kubeconfig.is_some()
     }
 }
 
@@ -341,6 +367,19 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// Resolves a path from the config file against the config file's directory.
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            return p.to_path_buf();
+        }
+        let base = self
+            .path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        base.join(p)
+    }
+
     /// The state directory, resolved against the config file's directory.
     pub fn state_dir(&self) -> PathBuf {
         if self.config.state.path.is_absolute() {
@@ -488,13 +527,33 @@ impl Config {
         }
         for c in &self.clusters {
             if let Some(auth) = &c.auth {
-                if auth.jwks_file.is_some() && auth.jwks_url.is_some() {
+                let sources = [
+                    auth.jwks_file.is_some(),
+                    auth.jwks_url.is_some(),
+                    auth.jwks_from_cluster,
+                ]
+                .iter()
+                .filter(|b| **b)
+                .count();
+                if sources > 1 {
                     return Err(invalid(
                         "clusters.auth",
-                        format!("cluster {:?}: set jwks_file or jwks_url, not both", c.name),
+                        format!(
+                            "cluster {:?}: choose one of jwks_file, jwks_url, jwks_from_cluster",
+                            c.name
+                        ),
                     ));
                 }
-                if (auth.jwks_file.is_some() || auth.jwks_url.is_some()) && auth.issuer.is_none() {
+                if (auth.jwks_from_cluster || auth.token_review) && !c.has_api_access() {
+                    return Err(invalid(
+                        "clusters.auth",
+                        format!(
+                            "cluster {:?}: jwks_from_cluster and token_review need kubeconfig or in_cluster",
+                            c.name
+                        ),
+                    ));
+                }
+                if sources > 0 && auth.issuer.is_none() {
                     return Err(invalid(
                         "clusters.auth.issuer",
                         format!(

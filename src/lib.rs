@@ -14,6 +14,7 @@ pub mod ca;
 pub mod cacerts;
 pub mod cli;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod devtoken;
 pub mod fsutil;

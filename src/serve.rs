@@ -127,12 +127,13 @@ pub async fn run(
         None
     };
     let tokens = Arc::new(
-        TokenAuthenticator::from_config(
-            &config,
+        TokenAuthenticator::from_loaded(
+            &loaded,
             dev_jwks,
             metrics.auth_cache_hits.clone(),
             metrics.auth_cache_misses.clone(),
         )
+        .await
         .map_err(Error::Auth)?,
     );
     for c in tokens.clusters() {
@@ -202,11 +203,28 @@ pub async fn run(
         source,
     })?;
 
+    // Pod indexes for node authorization (ztunnel impersonation), where the cluster is reachable.
+    let mut pods: HashMap<String, Arc<dyn crate::grpc::node_authz::PodIndex>> = HashMap::new();
+    if !config.serve.trusted_node_accounts.is_empty() {
+        for c in config.clusters.iter().filter(|c| c.has_api_access()) {
+            match crate::cluster::client(&loaded, c, None).await {
+                Ok(client) => {
+                    pods.insert(
+                        c.name.clone(),
+                        crate::cluster::watch_pods(c.name.clone(), client),
+                    );
+                }
+                Err(e) => {
+                    tracing::error!(cluster = %c.name, error = %e, "no pod index: impersonation will be denied")
+                }
+            }
+        }
+    }
     let service = Arc::new(CaService::new(
         &config,
         authority,
         tokens.clone(),
-        HashMap::new(),
+        pods,
         metrics.clone(),
     ));
     let max = config.serve.max_message_bytes;

@@ -21,7 +21,7 @@ use prometheus_client::metrics::counter::Counter;
 use serde::Deserialize;
 use time::OffsetDateTime;
 
-use crate::config::{ClusterAuth, Config};
+use crate::config::{ClusterAuth, Config, Loaded};
 use crate::pki::spiffe::SpiffeId;
 
 /// Why authentication failed. The variant names the reason for logs and metrics; callers
@@ -70,6 +70,9 @@ pub enum Error {
     /// JWKS unavailable.
     #[error("JWKS for cluster {0:?} is not available")]
     NoJwks(String),
+    /// The cluster's TokenReview refused the token or failed.
+    #[error("TokenReview: {0}")]
+    Review(String),
 }
 
 impl Error {
@@ -90,6 +93,7 @@ impl Error {
             Self::Algorithm(_) => "algorithm",
             Self::BadClientCert(_) => "client_cert",
             Self::NoJwks(_) => "no_jwks",
+            Self::Review(_) => "token_review",
         }
     }
 }
@@ -140,7 +144,7 @@ struct NamedRef {
 }
 
 /// Where a cluster's token keys come from.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum JwksSource {
     /// A JWKS document on disk, re-read on refresh.
     File(PathBuf),
@@ -148,6 +152,19 @@ pub enum JwksSource {
     Url(String),
     /// A fixed set (the development issuer, tests).
     Static(Arc<JwkSet>),
+    /// The cluster's own `/openid/v1/jwks`, through its API credentials.
+    Kube(kube::Client),
+}
+
+impl std::fmt::Debug for JwksSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::File(p) => write!(f, "File({})", p.display()),
+            Self::Url(u) => write!(f, "Url({u})"),
+            Self::Static(_) => f.write_str("Static"),
+            Self::Kube(_) => f.write_str("Kube"),
+        }
+    }
 }
 
 /// One cluster's token verifier.
@@ -155,7 +172,8 @@ pub struct ClusterTokens {
     cluster: String,
     issuer: String,
     audiences: Vec<String>,
-    source: JwksSource,
+    source: Option<JwksSource>,
+    review: Option<kube::Client>,
     keys: ArcSwap<HashMap<Option<String>, (DecodingKey, Algorithm)>>,
     refresh_every: Duration,
     last_refresh: std::sync::Mutex<Option<Instant>>,
@@ -176,11 +194,14 @@ const MIN_REFETCH: Duration = Duration::from_secs(10);
 
 impl ClusterTokens {
     /// A verifier for `cluster`.
+    /// `source` verifies tokens locally; `review`, when set, asks the cluster (TokenReview) for
+    /// tokens the local keys cannot judge.
     pub fn new(
         cluster: &str,
         issuer: &str,
         audiences: Vec<String>,
-        source: JwksSource,
+        source: Option<JwksSource>,
+        review: Option<kube::Client>,
         refresh_every: Duration,
         http: Option<reqwest::Client>,
     ) -> Self {
@@ -189,6 +210,7 @@ impl ClusterTokens {
             issuer: issuer.to_owned(),
             audiences,
             source,
+            review,
             keys: ArcSwap::from_pointee(HashMap::new()),
             refresh_every,
             last_refresh: std::sync::Mutex::new(None),
@@ -198,8 +220,21 @@ impl ClusterTokens {
 
     /// Loads the JWKS now.
     pub async fn refresh(&self) -> Result<usize, String> {
-        let set: JwkSet = match &self.source {
+        let Some(source) = &self.source else {
+            return Ok(0);
+        };
+        let set: JwkSet = match source {
             JwksSource::Static(s) => (**s).clone(),
+            JwksSource::Kube(client) => {
+                let req = http::Request::get("/openid/v1/jwks")
+                    .body(Vec::new())
+                    .map_err(|e| e.to_string())?;
+                let text = tokio::time::timeout(Duration::from_secs(10), client.request_text(req))
+                    .await
+                    .map_err(|_| "GET /openid/v1/jwks timed out".to_owned())?
+                    .map_err(|e| format!("GET /openid/v1/jwks: {e}"))?;
+                serde_json::from_str(&text).map_err(|e| format!("parse /openid/v1/jwks: {e}"))?
+            }
             JwksSource::File(p) => {
                 let text = tokio::fs::read_to_string(p)
                     .await
@@ -259,8 +294,94 @@ impl ClusterTokens {
         }
     }
 
-    /// Verifies `token` and returns the identity it proves.
+    /// Verifies `token` (locally, or by TokenReview when the local keys cannot judge it and a
+    /// review client is configured) and returns the identity it proves with its cache expiry.
     pub async fn verify(
+        &self,
+        token: &str,
+        trust_domain: &str,
+        skew: Duration,
+    ) -> Result<(Caller, i64), Error> {
+        let local = if self.source.is_some() {
+            self.verify_local(token, trust_domain, skew).await
+        } else {
+            Err(Error::NoJwks(self.cluster.clone()))
+        };
+        match (&local, &self.review) {
+            (Err(Error::UnknownKey(_) | Error::NoJwks(_) | Error::Algorithm(_)), Some(client)) => {
+                self.token_review(client, token, trust_domain).await
+            }
+            _ => local,
+        }
+    }
+
+    async fn token_review(
+        &self,
+        client: &kube::Client,
+        token: &str,
+        trust_domain: &str,
+    ) -> Result<(Caller, i64), Error> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(self.audiences.clone()),
+            },
+            ..TokenReview::default()
+        };
+        let api: kube::Api<TokenReview> = kube::Api::all(client.clone());
+        let done = tokio::time::timeout(
+            Duration::from_secs(10),
+            api.create(&kube::api::PostParams::default(), &review),
+        )
+        .await
+        .map_err(|_| Error::Review("TokenReview timed out".into()))?
+        .map_err(|e| Error::Review(e.to_string()))?;
+        let status = done.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(Error::Review(
+                status.error.unwrap_or_else(|| "not authenticated".into()),
+            ));
+        }
+        if let Some(auds) = &status.audiences
+            && !auds.iter().any(|a| self.audiences.contains(a))
+        {
+            return Err(Error::Audience);
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let groups = user.groups.unwrap_or_default();
+        if !groups.iter().any(|g| g == "system:serviceaccounts") {
+            return Err(Error::NotServiceAccount);
+        }
+        let (ns, sa) = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|r| r.split_once(':'))
+            .ok_or(Error::NotServiceAccount)?;
+        let identity = SpiffeId::new(trust_domain, ns, sa).map_err(|_| Error::NotServiceAccount)?;
+        let extra = user.extra.unwrap_or_default();
+        let first = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
+        // A review verdict is cached for at most five minutes (a deleted pod's token stops
+        // working within that), and never past the token's own expiry.
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let exp = jsonwebtoken::dangerous::insecure_decode::<serde_json::Value>(token)
+            .ok()
+            .and_then(|d| d.claims.get("exp").and_then(serde_json::Value::as_i64))
+            .unwrap_or(now + 300)
+            .min(now + 300);
+        Ok((
+            Caller {
+                identity,
+                cluster: self.cluster.clone(),
+                method: Method::Jwt,
+                pod: first("authentication.kubernetes.io/pod-name"),
+                node: first("authentication.kubernetes.io/node-name"),
+            },
+            exp,
+        ))
+    }
+
+    async fn verify_local(
         &self,
         token: &str,
         trust_domain: &str,
@@ -400,15 +521,15 @@ impl std::fmt::Debug for TokenAuthenticator {
 
 impl TokenAuthenticator {
     /// Builds verifiers from the config. `dev_jwks` is the development issuer's key set, used
-    /// for clusters with `auth.dev_issuer`.
-    /// `hits` and `misses` count cache use.
-    pub fn from_config(
-        config: &Config,
+    /// for clusters with `auth.dev_issuer`; `hits` and `misses` count cache use.
+    pub async fn from_loaded(
+        loaded: &Loaded,
         dev_jwks: Option<Arc<JwkSet>>,
         hits: Counter,
         misses: Counter,
     ) -> Result<Self, String> {
-        let http = reqwest_client(config)?;
+        let config = &loaded.config;
+        let http = reqwest_client(loaded)?;
         let mut clusters = HashMap::new();
         for c in &config.clusters {
             let Some(auth) = &c.auth else { continue };
@@ -417,9 +538,22 @@ impl TokenAuthenticator {
             } else {
                 auth.audiences.clone()
             };
-            let (issuer, source) = source_for(auth, dev_jwks.as_ref())
+            let needs_client = auth.jwks_from_cluster || auth.token_review;
+            let client = if needs_client {
+                Some(
+                    crate::cluster::client(loaded, c, Some(Duration::from_secs(15)))
+                        .await
+                        .map_err(|e| e.to_string())?,
+                )
+            } else {
+                None
+            };
+            let (issuer, source) = source_for(loaded, auth, dev_jwks.as_ref(), client.clone())
                 .map_err(|e| format!("cluster {:?}: {e}", c.name))?;
-            let Some(source) = source else { continue };
+            let review = if auth.token_review { client } else { None };
+            if source.is_none() && review.is_none() {
+                continue;
+            }
             clusters.insert(
                 c.name.clone(),
                 Arc::new(ClusterTokens::new(
@@ -427,11 +561,22 @@ impl TokenAuthenticator {
                     &issuer,
                     audiences,
                     source,
+                    review,
                     auth.jwks_refresh,
                     http.clone(),
                 )),
             );
         }
+        Ok(Self::with_clusters(config, clusters, hits, misses))
+    }
+
+    /// Builds the authenticator from ready verifiers.
+    pub fn with_clusters(
+        config: &Config,
+        clusters: HashMap<String, Arc<ClusterTokens>>,
+        hits: Counter,
+        misses: Counter,
+    ) -> Self {
         let default_cluster = config
             .serve
             .default_cluster
@@ -443,7 +588,7 @@ impl TokenAuthenticator {
                 .time_to_live(Duration::from_secs(3600))
                 .build()
         });
-        Ok(Self {
+        Self {
             clusters,
             default_cluster,
             trust_domain: config.trust_domain.clone(),
@@ -451,7 +596,7 @@ impl TokenAuthenticator {
             cache,
             hits,
             misses,
-        })
+        }
     }
 
     /// The per-cluster verifiers (for periodic refresh).
@@ -504,8 +649,10 @@ impl TokenAuthenticator {
 }
 
 fn source_for(
+    loaded: &Loaded,
     auth: &ClusterAuth,
     dev: Option<&Arc<JwkSet>>,
+    client: Option<kube::Client>,
 ) -> Result<(String, Option<JwksSource>), String> {
     if auth.dev_issuer {
         let set = dev.ok_or("dev_issuer is set but the development issuer is not available")?;
@@ -516,16 +663,21 @@ fn source_for(
     }
     let issuer = auth.issuer.clone().unwrap_or_default();
     if let Some(f) = &auth.jwks_file {
-        return Ok((issuer, Some(JwksSource::File(f.clone()))));
+        return Ok((issuer, Some(JwksSource::File(loaded.resolve(f)))));
     }
     if let Some(u) = &auth.jwks_url {
         return Ok((issuer, Some(JwksSource::Url(u.clone()))));
     }
+    if auth.jwks_from_cluster {
+        let c = client.ok_or("jwks_from_cluster needs API access")?;
+        return Ok((issuer, Some(JwksSource::Kube(c))));
+    }
     Ok((issuer, None))
 }
 
-fn reqwest_client(config: &Config) -> Result<Option<reqwest::Client>, String> {
-    let urls: Vec<&ClusterAuth> = config
+fn reqwest_client(loaded: &Loaded) -> Result<Option<reqwest::Client>, String> {
+    let urls: Vec<&ClusterAuth> = loaded
+        .config
         .clusters
         .iter()
         .filter_map(|c| c.auth.as_ref())
@@ -537,8 +689,9 @@ fn reqwest_client(config: &Config) -> Result<Option<reqwest::Client>, String> {
     let mut builder = reqwest::Client::builder().use_rustls_tls();
     for a in urls {
         if let Some(ca) = &a.jwks_ca_file {
+            let ca = loaded.resolve(ca);
             let pem =
-                std::fs::read(ca).map_err(|e| format!("jwks_ca_file {}: {e}", ca.display()))?;
+                std::fs::read(&ca).map_err(|e| format!("jwks_ca_file {}: {e}", ca.display()))?;
             for cert in reqwest::Certificate::from_pem_bundle(&pem)
                 .map_err(|e| format!("jwks_ca_file {}: {e}", ca.display()))?
             {

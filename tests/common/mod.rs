@@ -2,6 +2,8 @@
 //! `cactl` binary in it, and locating the interop oracles.
 #![allow(dead_code)]
 
+pub mod kube_standin;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
