@@ -51,5 +51,22 @@ if [ -z "${CACTL_SKIP_LINT:-}" ]; then
   cargo clippy --locked --all-targets -- -D warnings
 fi
 
+# A short fuzzing pass (cargo-fuzz on libFuzzer, stable toolchain with RUSTC_BOOTSTRAP for
+# its -Z flags). Set CACTL_FUZZ_SECONDS=0 to skip, or higher for a longer run.
+FUZZ_SECONDS="${CACTL_FUZZ_SECONDS:-30}"
+if [ "$FUZZ_SECONDS" != "0" ]; then
+  if ! command -v cargo-fuzz >/dev/null; then
+    log "installing cargo-fuzz"
+    cargo install --locked cargo-fuzz
+  fi
+  for target in csr_policy token; do
+    log "fuzzing $target for ${FUZZ_SECONDS}s"
+    corpus="$ROOT/target/fuzz-corpus/$target"
+    mkdir -p "$corpus"
+    RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir tests/fuzz --sanitizer none "$target" \
+      "$corpus" "tests/fuzz/seeds/$target" -- -max_total_time="$FUZZ_SECONDS" -print_final_stats=1
+  done
+fi
+
 log "cargo test"
 cargo test --locked --all-targets

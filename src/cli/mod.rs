@@ -201,7 +201,7 @@ pub struct RequestArgs {
     /// `clusterid` header.
     #[arg(long)]
     pub cluster_id: Option<String>,
-    /// Identity for the CSR's URI SAN (default: from the token's namespace and account).
+    /// Identity for the CSR's URI SAN (must be the token's service account).
     #[arg(long)]
     pub identity: String,
     /// Key type of the workload key: p256 (ztunnel style) or rsa2048 (istio-agent style).
@@ -825,16 +825,11 @@ fn request(cli: &Cli, args: &RequestArgs) -> Result<()> {
         (None, Some(p)) => Some(read_file(p, "token file")?.trim().to_owned()),
         (None, None) => None,
     };
-    let alg: &'static rcgen::SignatureAlgorithm = match args.key_type.as_str() {
-        "p256" => &rcgen::PKCS_ECDSA_P256_SHA256,
-        "rsa2048" => &rcgen::PKCS_RSA_SHA256,
+    let key = match args.key_type.as_str() {
+        "p256" => pki::key::SecretKey::generate(pki::key::KeyAlgorithm::EcdsaP256)?,
+        "rsa2048" => pki::key::SecretKey::generate(pki::key::KeyAlgorithm::Rsa2048)?,
         other => bail!("--key-type {other:?}: use p256 or rsa2048"),
     };
-    let key = match args.key_type.as_str() {
-        "rsa2048" => pki::key::SecretKey::generate(pki::key::KeyAlgorithm::Rsa2048)?,
-        _ => pki::key::SecretKey::generate(pki::key::KeyAlgorithm::EcdsaP256)?,
-    };
-    let _ = alg;
     let csr = crate::client::make_csr(&key, &args.identity, args.key_type == "rsa2048")?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
