@@ -105,9 +105,10 @@ pub struct ServeConfig {
     /// Clock skew tolerated on token `exp`/`nbf`.
     #[serde(with = "humantime_serde")]
     pub clock_skew: StdDuration,
-    /// How each issued chain is checked before it is sent: `full` verifies every signature,
-    /// `structural` verifies the issuer chain cryptographically whenever issuers load and
-    /// checks each leaf's place in it (issuer name, key identifier, validity, public key).
+    /// How each issued chain is checked before it is sent. Always: the issuer chain is verified
+    /// up to the bundle whenever issuers load, and each leaf's place in it is checked (issuer
+    /// name, key identifier, validity, public key, identity). `full` also verifies each leaf's
+    /// signature (one more signature verification per request).
     pub verify_issued: VerifyIssued,
     /// gRPC worker threads (default: one per CPU).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -121,7 +122,7 @@ pub struct ServeConfig {
 #[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum VerifyIssued {
-    /// Every signature of every chain.
+    /// Also verify every leaf's signature.
     Full,
     /// Issuer chains cryptographically at load, each leaf structurally.
     Structural,
