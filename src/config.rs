@@ -67,6 +67,8 @@ pub struct Config {
     pub state: StateConfig,
     /// The signing service (`cactl serve`).
     pub serve: ServeConfig,
+    /// Distribution to clusters (`cactl push`, and `cactl serve`'s sync).
+    pub push: PushConfig,
     /// Member clusters.
     pub clusters: Vec<ClusterConfig>,
 }
@@ -285,6 +287,87 @@ pub struct ClusterConfig {
     /// Use the in-cluster service account instead of a kubeconfig.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub in_cluster: bool,
+    /// How Istio in this cluster gets workload certificates.
+    #[serde(default, skip_serializing_if = "ClusterMode::is_plugin")]
+    pub mode: ClusterMode,
+    /// Istio's namespace.
+    #[serde(
+        default = "default_istio_namespace",
+        skip_serializing_if = "is_default_istio_namespace"
+    )]
+    pub namespace: String,
+    /// External mode: label selector (`k=v,...`) of namespaces that get `istio-ca-root-cert`
+    /// (default: every namespace but the ones istiod skips).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace_selector: Option<String>,
+    /// External mode: also publish istiod's serving certificate as Secret `istiod-tls`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub istiod_tls: bool,
+    /// Publish the bundle as a ClusterTrustBundle (certificates.k8s.io/v1beta1) with this
+    /// signer name (e.g. `istio.io/istiod-ca`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_trust_bundle: Option<String>,
+}
+
+/// How Istio in a cluster gets workload certificates.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClusterMode {
+    /// istiod signs with the cluster's intermediate from Secret `cacerts`.
+    #[default]
+    Plugin,
+    /// istio-agent and ztunnel call `cactl serve`; the intermediate key stays in cactl.
+    External,
+}
+
+impl ClusterMode {
+    fn is_plugin(&self) -> bool {
+        *self == Self::Plugin
+    }
+}
+
+fn default_istio_namespace() -> String {
+    "istio-system".into()
+}
+
+fn is_default_istio_namespace(ns: &String) -> bool {
+    ns == "istio-system"
+}
+
+/// Settings of `cactl push` and of the continuous sync in `cactl serve`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushConfig {
+    /// Clusters handled at once.
+    pub concurrency: usize,
+    /// Requests per second per cluster (client-side rate limit).
+    pub qps: u32,
+    /// Concurrent requests per cluster.
+    pub requests_in_flight: usize,
+    /// Timeout of each API request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: StdDuration,
+    /// Attempts per cluster before it is reported failed.
+    pub attempts: u32,
+    /// `cactl serve`: full resync interval (edits are also repaired as watch events arrive).
+    #[serde(with = "humantime_serde")]
+    pub resync_interval: StdDuration,
+    /// `cactl serve`: keep clusters in sync.
+    pub sync_in_serve: bool,
+}
+
+impl Default for PushConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 16,
+            qps: 100,
+            requests_in_flight: 16,
+            request_timeout: StdDuration::from_secs(10),
+            attempts: 3,
+            resync_interval: StdDuration::from_secs(60),
+            sync_in_serve: true,
+        }
+    }
 }
 
 impl ClusterConfig {
@@ -296,6 +379,11 @@ impl ClusterConfig {
             kubeconfig: None,
             context: None,
             in_cluster: false,
+            mode: ClusterMode::Plugin,
+            namespace: default_istio_namespace(),
+            namespace_selector: None,
+            istiod_tls: false,
+            cluster_trust_bundle: None,
         }
     }
 
@@ -315,6 +403,7 @@ impl Default for Config {
             workload: WorkloadConfig::default(),
             state: StateConfig::default(),
             serve: ServeConfig::default(),
+            push: PushConfig::default(),
             clusters: Vec::new(),
         }
     }
@@ -571,6 +660,36 @@ impl Config {
                         format!("cluster {:?}: {u:?} is not an http(s) URL", c.name),
                     ));
                 }
+            }
+        }
+        if self.push.concurrency == 0
+            || self.push.qps == 0
+            || self.push.requests_in_flight == 0
+            || self.push.attempts == 0
+        {
+            return Err(invalid(
+                "push",
+                "concurrency, qps, requests_in_flight and attempts must be positive".into(),
+            ));
+        }
+        for c in &self.clusters {
+            if c.mode == ClusterMode::Plugin && (c.istiod_tls || c.namespace_selector.is_some()) {
+                return Err(invalid(
+                    "clusters",
+                    format!(
+                        "cluster {:?}: istiod_tls and namespace_selector apply to external mode only",
+                        c.name
+                    ),
+                ));
+            }
+            if c.in_cluster && c.kubeconfig.is_some() {
+                return Err(invalid(
+                    "clusters",
+                    format!(
+                        "cluster {:?}: set kubeconfig or in_cluster, not both",
+                        c.name
+                    ),
+                ));
             }
         }
         let mut seen = std::collections::BTreeSet::new();

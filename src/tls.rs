@@ -63,6 +63,55 @@ impl Serving {
     }
 }
 
+/// A serving certificate as PEM, for distribution (istiod's `istiod-tls`).
+pub struct ServingPem {
+    /// Leaf then intermediates.
+    pub chain_pem: String,
+    /// The key.
+    pub key: SecretKey,
+    /// NotBefore.
+    pub not_before: OffsetDateTime,
+    /// NotAfter.
+    pub not_after: OffsetDateTime,
+}
+
+/// Issues a serving certificate from `issuer` for `dns_names`, as PEM.
+pub fn issue_serving_pem(
+    issuer: &ClusterIssuer,
+    organization: &str,
+    dns_names: &[String],
+    lifetime: time::Duration,
+    now: OffsetDateTime,
+) -> Result<ServingPem, Error> {
+    let alg = match issuer.signer().key().algorithm() {
+        KeyAlgorithm::EcdsaP384 => KeyAlgorithm::EcdsaP384,
+        a if a.is_rsa() => KeyAlgorithm::Rsa2048,
+        _ => KeyAlgorithm::EcdsaP256,
+    };
+    let key = SecretKey::generate(alg).map_err(|e| Error::Issue(e.to_string()))?;
+    let spec = ServerSpec {
+        organization: organization.to_owned(),
+        dns_names: dns_names.to_vec(),
+        now,
+        lifetime,
+        rsa_key: alg.is_rsa(),
+    };
+    let rng = ring::rand::SystemRandom::new();
+    let der = template::sign_server(&spec, &key.public_key_spki(), issuer.signer(), &rng)
+        .map_err(|e| Error::Issue(e.to_string()))?;
+    let info = CertInfo::from_der(&der).map_err(|e| Error::Issue(e.to_string()))?;
+    let mut chain_pem = crate::pki::pem::encode_cert(&der);
+    for d in issuer.intermediates() {
+        chain_pem.push_str(&crate::pki::pem::encode_cert(d));
+    }
+    Ok(ServingPem {
+        chain_pem,
+        key,
+        not_before: info.not_before,
+        not_after: info.not_after,
+    })
+}
+
 /// Issues a serving certificate from `issuer` for `dns_names`.
 pub fn issue_serving(
     issuer: &ClusterIssuer,

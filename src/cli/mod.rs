@@ -122,6 +122,8 @@ pub enum Command {
     DevToken(DevTokenArgs),
     /// Request a workload certificate from a running `cactl serve` (a gRPC client).
     Request(RequestArgs),
+    /// Make every cluster hold exactly what it should (cacerts, trust bundles, istio-ca-root-cert).
+    Push(PushArgs),
     /// Benchmark the signing service against the raw crypto cost of this machine.
     Bench(BenchArgs),
     /// Show roots and every cluster's intermediate.
@@ -213,6 +215,19 @@ pub struct RequestArgs {
     /// Write key.pem, cert-chain.pem and root-cert.pem here.
     #[arg(long)]
     pub out: Option<PathBuf>,
+}
+
+/// `cactl push` arguments.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Clusters to push to (default: all).
+    pub clusters: Vec<String>,
+    /// Compare only; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Take over objects cactl did not create (they are never overwritten otherwise).
+    #[arg(long)]
+    pub adopt: bool,
 }
 
 /// `cactl bench` arguments.
@@ -358,6 +373,7 @@ fn execute(cli: &Cli) -> Result<()> {
         Command::DevToken(args) => dev_token(cli, args, now),
         Command::Request(args) => request(cli, args),
         Command::Bench(args) => bench(cli, args),
+        Command::Push(args) => push(cli, args, now),
     }
 }
 
@@ -889,5 +905,116 @@ fn bench(cli: &Cli, args: &BenchArgs) -> Result<()> {
         .context("cannot start the async runtime")?;
     let report = runtime.block_on(crate::bench::run(opts, |m| eprintln!("bench: {m}")))?;
     output::bench(cli.output, &report);
+    Ok(())
+}
+
+/// Lifetime of the istiod serving certificates cactl distributes (renewed at two thirds).
+const ISTIOD_TLS_LIFETIME: time::Duration = time::Duration::days(30);
+
+/// Issues or renews istiod's serving certificate for external clusters that want one, saving
+/// it in the state before anything is pushed.
+fn ensure_istiod_tls(loaded: &Loaded, store: &dyn StateStore, now: OffsetDateTime) -> Result<()> {
+    let due: Vec<&ClusterConfig> = {
+        let state = load_state(store)?;
+        loaded
+            .config
+            .clusters
+            .iter()
+            .filter(|c| c.mode == config::ClusterMode::External && c.istiod_tls)
+            .filter(|c| {
+                state
+                    .clusters
+                    .get(&c.name)
+                    .and_then(|s| s.istiod_tls.as_ref())
+                    .is_none_or(|r| r.due(now))
+            })
+            .collect()
+    };
+    if due.is_empty() {
+        return Ok(());
+    }
+    mutate(store, |state| {
+        for c in &due {
+            let issuer = ca::ClusterIssuer::load_at(state, &loaded.config, &c.name, now)?;
+            let names = vec![
+                format!("istiod.{}.svc", c.namespace),
+                format!("istiod.{}.svc.cluster.local", c.namespace),
+            ];
+            let s = crate::tls::issue_serving_pem(
+                &issuer,
+                &loaded.config.organization,
+                &names,
+                ISTIOD_TLS_LIFETIME,
+                now,
+            )?;
+            let entry = state.clusters.entry(c.name.clone()).or_default();
+            entry.istiod_tls = Some(crate::state::ServingRecord {
+                cert_pem: s.chain_pem,
+                key_pem: crate::secret::SecretString::new(s.key.to_pkcs8_pem()),
+                not_before: s.not_before,
+                not_after: s.not_after,
+            });
+            tracing::info!(cluster = %c.name, "issued istiod serving certificate");
+        }
+        Ok(())
+    })
+}
+
+fn push(cli: &Cli, args: &PushArgs, now: OffsetDateTime) -> Result<()> {
+    let loaded = load_config(cli)?;
+    for c in &args.clusters {
+        if loaded.config.cluster(c).is_none() {
+            return Err(ca::Error::UnknownCluster(c.clone()).into());
+        }
+    }
+    let store = store_for(&loaded);
+    if !args.dry_run {
+        ensure_istiod_tls(&loaded, store.as_ref(), now)?;
+    }
+    let state = load_state(store.as_ref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let opts = crate::trust::push::Options {
+        dry_run: args.dry_run,
+        adopt: args.adopt,
+        attempts: None,
+    };
+    let output = cli.output;
+    let reports = runtime.block_on(crate::trust::distribute::all(
+        &loaded,
+        &state,
+        &args.clusters,
+        opts,
+        |r| {
+            output::push_progress(output, r);
+        },
+    ));
+    if !args.dry_run {
+        crate::trust::distribute::PushStatus::record(&loaded, &reports, OffsetDateTime::now_utc())
+            .context("cannot record the push status")?;
+    }
+    output::push_done(output, &reports);
+    let failed: Vec<String> = reports
+        .iter()
+        .filter(|r| !r.ok())
+        .map(|r| {
+            format!(
+                "{} ({})",
+                r.cluster,
+                r.error
+                    .clone()
+                    .unwrap_or_else(|| "objects not ours; use --adopt".into())
+            )
+        })
+        .collect();
+    if !failed.is_empty() {
+        bail!(
+            "push failed for {} cluster(s): {}",
+            failed.len(),
+            failed.join("; ")
+        );
+    }
     Ok(())
 }

@@ -316,3 +316,32 @@ pub(super) fn bench(format: OutputFormat, r: &crate::bench::Report) {
         }
     }
 }
+
+pub(super) fn push_progress(format: OutputFormat, r: &crate::trust::push::ClusterReport) {
+    if format != OutputFormat::Text {
+        return;
+    }
+    match &r.error {
+        None => {
+            let istiod = match r.istiod_has_bundle {
+                Some(true) => ", istiod holds the bundle",
+                Some(false) => ", istiod has not picked up the bundle yet",
+                None => "",
+            };
+            outln!(
+                "{}: ok, {}, {} write(s), {} ms{istiod}",
+                r.cluster,
+                r.summary(),
+                r.writes,
+                r.millis
+            );
+        }
+        Some(e) => outln!("{}: FAILED after {} attempt(s): {e}", r.cluster, r.attempts),
+    }
+}
+
+pub(super) fn push_done(format: OutputFormat, reports: &[crate::trust::push::ClusterReport]) {
+    if format == OutputFormat::Json {
+        outln!("{}", json!({"clusters": reports}));
+    }
+}

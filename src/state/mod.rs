@@ -147,6 +147,31 @@ pub struct ClusterState {
     /// Earlier intermediates, newest last.
     #[serde(default)]
     pub history: Vec<IntermediateRecord>,
+    /// istiod's serving certificate (external mode with `istiod_tls`), issued by cactl.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istiod_tls: Option<ServingRecord>,
+}
+
+/// A serving certificate cactl issued and distributes (chain PEM and key).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ServingRecord {
+    /// Leaf then intermediates (PEM).
+    pub cert_pem: String,
+    /// The key (PKCS#8 PEM).
+    pub key_pem: SecretString,
+    /// NotBefore.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_before: OffsetDateTime,
+    /// NotAfter.
+    #[serde(with = "time::serde::rfc3339")]
+    pub not_after: OffsetDateTime,
+}
+
+impl ServingRecord {
+    /// Renew two thirds into the lifetime.
+    pub fn due(&self, now: OffsetDateTime) -> bool {
+        now >= self.not_before + (self.not_after - self.not_before) * 2 / 3
+    }
 }
 
 impl State {

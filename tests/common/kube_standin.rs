@@ -72,6 +72,9 @@ pub struct Faults {
     pub drop_connections: AtomicBool,
     /// `resource/name` pairs (name may be `*`) answered with 403.
     pub forbidden: Mutex<Vec<(String, String)>>,
+    /// A concurrent writer: right after the next GET of (resource, namespace, name), another
+    /// client changes the object (adds label `racer: "1"`), bumping its resourceVersion.
+    pub race_after_get: Mutex<Option<(String, String, String)>>,
 }
 
 /// Request counters.
@@ -706,13 +709,41 @@ async fn handle(
         }
         "get" => {
             c.reads.fetch_add(1, Ordering::Relaxed);
-            let st = shared.store.lock().unwrap();
-            match st.objects.get(&(
+            let mut st = shared.store.lock().unwrap();
+            let key = (
                 t.resource.clone(),
                 t.namespace.clone(),
                 t.name.clone().unwrap_or_default(),
-            )) {
-                Some(o) => ok_json(StatusCode::OK, o),
+            );
+            let race = {
+                let mut r = shared.faults.race_after_get.lock().unwrap();
+                if r.as_ref() == Some(&key) {
+                    r.take()
+                } else {
+                    None
+                }
+            };
+            let found = st.objects.get(&key).cloned();
+            if let (Some(_), Some(k)) = (&found, race) {
+                // The answer carries the old resourceVersion; the store moves on.
+                st.rv += 1;
+                let rv = st.rv;
+                if let Some(obj) = st.objects.get_mut(&k) {
+                    obj["metadata"]["labels"]["racer"] = json!("1");
+                    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+                    let ch = Change {
+                        rv,
+                        kind: "MODIFIED",
+                        resource: k.0.clone(),
+                        namespace: k.1.clone(),
+                        object: obj.clone(),
+                    };
+                    st.log.push(ch.clone());
+                    let _ = shared.changes.send(ch);
+                }
+            }
+            match found {
+                Some(o) => ok_json(StatusCode::OK, &o),
                 None => status(
                     StatusCode::NOT_FOUND,
                     "NotFound",

@@ -1,0 +1,210 @@
+//! Pushing to every selected cluster concurrently, with a bound, per-cluster retries with
+//! backoff, and a report per cluster: one unreachable or failing cluster never blocks the
+//! others.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::desired::{self, Inputs};
+use super::push::{self, ClusterReport, Options, Target};
+use crate::config::{ClusterConfig, ClusterMode, Loaded};
+use crate::state::State;
+
+/// The record of the last push per cluster, kept beside the state (`push-status.json`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct PushStatus {
+    /// Cluster → last outcome.
+    pub clusters: BTreeMap<String, LastPush>,
+}
+
+/// One cluster's last push.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LastPush {
+    /// When it finished.
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// Summary line.
+    pub summary: String,
+    /// Error, if any.
+    pub error: Option<String>,
+}
+
+const STATUS_FILE: &str = "push-status.json";
+
+impl PushStatus {
+    /// Loads the record (empty when absent or unreadable).
+    pub fn load(loaded: &Loaded) -> Self {
+        std::fs::read(loaded.state_dir().join(STATUS_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    /// Records reports and saves atomically.
+    pub fn record(
+        loaded: &Loaded,
+        reports: &[ClusterReport],
+        now: OffsetDateTime,
+    ) -> std::io::Result<()> {
+        let mut st = Self::load(loaded);
+        for r in reports {
+            st.clusters.insert(
+                r.cluster.clone(),
+                LastPush {
+                    at: now,
+                    ok: r.ok(),
+                    summary: r.summary(),
+                    error: r.error.clone(),
+                },
+            );
+        }
+        let dir = loaded.state_dir();
+        crate::fsutil::ensure_dir(&dir, 0o700)?;
+        let bytes = serde_json::to_vec_pretty(&st).unwrap_or_default();
+        crate::fsutil::write_atomic(&dir.join(STATUS_FILE), &bytes, 0o600)
+    }
+}
+
+/// The inputs of a cluster that do not depend on what it holds.
+struct Plan {
+    bundle_pem: String,
+    cacerts: Option<crate::cacerts::CaCerts>,
+    istiod_tls: Option<(String, String)>,
+    generation: u64,
+}
+
+fn plan(loaded: &Loaded, state: &State, c: &ClusterConfig) -> Result<Plan, String> {
+    let roots = crate::ca::bundle_roots(state).map_err(|e| e.to_string())?;
+    let cacerts = match c.mode {
+        ClusterMode::Plugin => {
+            Some(crate::ca::cacerts(state, &loaded.config, &c.name).map_err(|e| e.to_string())?)
+        }
+        ClusterMode::External => None,
+    };
+    let istiod_tls = if c.mode == ClusterMode::External && c.istiod_tls {
+        let rec = state
+            .clusters
+            .get(&c.name)
+            .and_then(|s| s.istiod_tls.as_ref())
+            .ok_or_else(|| format!("no istiod-tls certificate issued for {:?} yet", c.name))?;
+        Some((rec.cert_pem.clone(), rec.key_pem.expose().to_owned()))
+    } else {
+        None
+    };
+    Ok(Plan {
+        bundle_pem: crate::bundle::pem(&roots),
+        cacerts,
+        istiod_tls,
+        generation: state.revision,
+    })
+}
+
+fn failed(cluster: &str, error: String) -> ClusterReport {
+    ClusterReport {
+        cluster: cluster.to_owned(),
+        reachable: false,
+        error: Some(error),
+        objects: Vec::new(),
+        istiod_has_bundle: None,
+        writes: 0,
+        attempts: 0,
+        millis: 0,
+    }
+}
+
+/// Reconciles one cluster, retrying with backoff.
+pub async fn one(
+    loaded: &Loaded,
+    state: &State,
+    c: &ClusterConfig,
+    opts: Options,
+) -> ClusterReport {
+    if !c.has_api_access() {
+        return failed(&c.name, "no kubeconfig or in_cluster configured".into());
+    }
+    let plan = match plan(loaded, state, c) {
+        Ok(p) => p,
+        Err(e) => return failed(&c.name, e),
+    };
+    let cfg = &loaded.config.push;
+    let client = match crate::cluster::client(loaded, c, Some(cfg.request_timeout)).await {
+        Ok(cl) => cl,
+        Err(e) => return failed(&c.name, e.to_string()),
+    };
+    let target = Target::new(client, cfg);
+    let make = |namespaces: &[(String, bool, BTreeMap<String, String>)]| {
+        desired::desired(&Inputs {
+            mode: c.mode,
+            namespace: &c.namespace,
+            bundle_pem: &plan.bundle_pem,
+            cacerts: plan.cacerts.as_ref(),
+            istiod_tls: plan
+                .istiod_tls
+                .as_ref()
+                .map(|(a, b)| (a.as_str(), b.as_str())),
+            namespaces,
+            namespace_selector: c.namespace_selector.as_deref(),
+            cluster_trust_bundle: c.cluster_trust_bundle.as_deref(),
+            generation: plan.generation,
+        })
+    };
+    let external = c.mode == ClusterMode::External;
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut r = push::reconcile(
+            &c.name,
+            &target,
+            external,
+            &c.namespace,
+            make,
+            &plan.bundle_pem,
+            opts,
+        )
+        .await;
+        r.attempts = attempt;
+        let permanent = r
+            .error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("missing permission"))
+            || r.objects
+                .iter()
+                .any(|o| matches!(o.action, push::Action::SkippedNotOurs));
+        if r.error.is_none() || permanent || attempt >= opts.attempts.unwrap_or(cfg.attempts) {
+            return r;
+        }
+        tracing::warn!(cluster = %c.name, attempt, error = ?r.error, "push failed; retrying");
+        tokio::time::sleep(Duration::from_millis(300 * (1 << attempt.min(5)))).await;
+    }
+}
+
+/// Pushes to `clusters` (all declared clusters when empty), at most `push.concurrency` at a
+/// time, calling `progress` as each finishes.
+pub async fn all(
+    loaded: &Loaded,
+    state: &State,
+    only: &[String],
+    opts: Options,
+    progress: impl Fn(&ClusterReport),
+) -> Vec<ClusterReport> {
+    let selected: Vec<&ClusterConfig> = loaded
+        .config
+        .clusters
+        .iter()
+        .filter(|c| only.is_empty() || only.contains(&c.name))
+        .collect();
+    let mut out: Vec<ClusterReport> = futures::stream::iter(selected)
+        .map(|c| one(loaded, state, c, opts))
+        .buffer_unordered(loaded.config.push.concurrency.max(1))
+        .inspect(|r| progress(r))
+        .collect()
+        .await;
+    out.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+    out
+}
