@@ -261,6 +261,35 @@ pub async fn run(
         worker_threads.push(handle);
     }
 
+    // Continuous distribution to every cluster cactl can reach.
+    if config.push.sync_in_serve {
+        let sync_store: Arc<dyn StateStore + Send + Sync> =
+            Arc::new(crate::state::file::FileStore::new(loaded.state_dir()));
+        for c in config.clusters.iter().filter(|c| c.has_api_access()) {
+            let metrics = metrics.clone();
+            tokio::spawn(crate::trust::distribute::sync_loop(
+                loaded.clone(),
+                sync_store.clone(),
+                c.clone(),
+                shutdown.clone(),
+                move |r| {
+                    metrics
+                        .cluster_sync
+                        .get_or_create(&crate::telemetry::ClusterLabel {
+                            cluster: r.cluster.clone(),
+                        })
+                        .set(i64::from(r.ok()));
+                    metrics
+                        .push_writes
+                        .get_or_create(&crate::telemetry::ClusterLabel {
+                            cluster: r.cluster.clone(),
+                        })
+                        .inc_by(r.writes as u64);
+                },
+            ));
+        }
+    }
+
     // Background maintenance.
     let maint = tokio::spawn(maintain(shared.clone(), tokens, shutdown.clone()));
 

@@ -64,6 +64,10 @@ pub struct Metrics {
     pub auth_failures: Family<ReasonLabel, Counter>,
     /// `cactl_issuer_reloads_total`.
     pub reloads: Counter,
+    /// `cactl_cluster_in_sync{cluster}`: 1 when the last sync left the cluster as it should be.
+    pub cluster_sync: Family<ClusterLabel, Gauge>,
+    /// `cactl_push_writes_total{cluster}`: objects written to clusters.
+    pub push_writes: Family<ClusterLabel, Counter>,
     /// Whether the service is ready (issuers and serving certificate loaded).
     pub ready: AtomicBool,
 }
@@ -120,6 +124,18 @@ impl Metrics {
             "Authentication failures by reason",
             auth_failures.clone(),
         );
+        let cluster_sync = Family::<ClusterLabel, Gauge>::default();
+        registry.register(
+            "cluster_in_sync",
+            "1 when the last sync left the cluster holding what it should",
+            cluster_sync.clone(),
+        );
+        let push_writes = Family::<ClusterLabel, Counter>::default();
+        registry.register(
+            "push_writes",
+            "Objects written to member clusters",
+            push_writes.clone(),
+        );
         let reloads = Counter::default();
         registry.register(
             "issuer_reloads",
@@ -137,6 +153,8 @@ impl Metrics {
             auth_cache_misses,
             auth_failures,
             reloads,
+            cluster_sync,
+            push_writes,
             ready: AtomicBool::new(false),
         }
     }

@@ -318,3 +318,102 @@ fn a_failing_cluster_never_blocks_the_others_and_recovers() {
     assert!(r.stdout.contains("east: FAILED after 1 attempt(s): missing permission: cannot get secrets istio-system/cacerts"), "{}", r.stdout);
     assert!(r.stdout.contains("ext: ok"), "{}", r.stdout);
 }
+
+#[test]
+fn status_reports_drift_istiod_pickup_and_last_push() {
+    let m = mesh();
+    let st = json(&m.env.ok(&["--output", "json", "status"]));
+    assert_eq!(st["clusters"][0]["name"], "east");
+    assert_eq!(st["clusters"][0]["sync"]["missing"], 2, "{st}");
+    assert_eq!(st["clusters"][0]["sync"]["istiod_has_bundle"], false);
+    assert!(st["clusters"][0]["last_push"].is_null());
+    m.env.ok(&["push"]);
+    // istiod rewrites istio-ca-root-cert after it reloads cacerts.
+    let bundle = m.env.ok(&["bundle"]);
+    m.east.put(
+        "configmaps",
+        "istio-system",
+        json!({"metadata": {"name": "istio-ca-root-cert"}, "data": {"root-cert.pem": bundle}}),
+    );
+    let mut cm = m
+        .ext
+        .get("configmaps", "default", "istio-ca-root-cert")
+        .unwrap();
+    cm["data"]["root-cert.pem"] = json!("edited");
+    m.ext.put("configmaps", "default", cm);
+    let st = json(&m.env.ok(&["--output", "json", "status"]));
+    let east = &st["clusters"][0];
+    assert_eq!(east["sync"]["in_sync"], 2, "{st}");
+    assert_eq!(east["sync"]["istiod_has_bundle"], true);
+    assert_eq!(east["last_push"]["ok"], true);
+    let ext = &st["clusters"][2];
+    assert_eq!(ext["sync"]["drifted"], 1, "{st}");
+    assert_eq!(
+        ext["sync"]["out_of_sync"],
+        json!(["ConfigMap default/istio-ca-root-cert"])
+    );
+    let text = m.env.ok(&["status"]);
+    assert!(
+        text.contains("sync: OUT OF SYNC: 1 drifted, 0 missing, 0 not ours"),
+        "{text}"
+    );
+    assert!(
+        text.contains("istiod: istio-ca-root-cert holds the bundle"),
+        "{text}"
+    );
+    // An unreachable cluster is reported, not fatal.
+    m.west.faults.fail_all.store(true, Ordering::SeqCst);
+    let text = m.env.ok(&["status"]);
+    assert!(text.contains("sync: UNREACHABLE or failing"), "{text}");
+}
+
+#[test]
+fn serve_keeps_clusters_in_sync_and_repairs_edits_and_deletions() {
+    let m = mesh();
+    let cfg = m
+        .env
+        .read("cactl.yaml")
+        .replace("push:\n", "push:\n  resync_interval: 30s\n");
+    m.env.write("cactl.yaml", cfg);
+    let _server = common::Server::start(&m.env, &[]);
+    let bundle = m.env.ok(&["bundle"]);
+    let wait = |what: &str, f: &dyn Fn() -> bool| {
+        for _ in 0..100 {
+            if f() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("not repaired within 10 s: {what}");
+    };
+    wait("initial sync", &|| {
+        m.east.get("secrets", "istio-system", "cacerts").is_some()
+            && m.ext
+                .get("configmaps", "shop", "istio-ca-root-cert")
+                .is_some()
+    });
+    // Deletion and edit are repaired by the watch, well before the 30 s resync.
+    m.east.remove("secrets", "istio-system", "cacerts");
+    wait("deleted cacerts", &|| {
+        m.east.get("secrets", "istio-system", "cacerts").is_some()
+    });
+    let mut cm = m
+        .ext
+        .get("configmaps", "shop", "istio-ca-root-cert")
+        .unwrap();
+    cm["data"]["root-cert.pem"] = json!("edited");
+    m.ext.put("configmaps", "shop", cm);
+    wait("edited ConfigMap", &|| {
+        m.ext
+            .get("configmaps", "shop", "istio-ca-root-cert")
+            .unwrap()["data"]["root-cert.pem"]
+            == bundle.as_str()
+    });
+    // A new namespace gets its ConfigMap.
+    m.ext.add_namespace("late");
+    wait("new namespace", &|| {
+        m.ext
+            .get("configmaps", "late", "istio-ca-root-cert")
+            .is_some()
+    });
+}

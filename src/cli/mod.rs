@@ -673,7 +673,36 @@ fn status(cli: &Cli, now: OffsetDateTime) -> Result<()> {
     let loaded = load_config(cli)?;
     let store = store_for(&loaded);
     let state = load_state(store.as_ref())?;
-    output::status(cli.output, &loaded, &state, now)
+    // Read every reachable cluster back and compare (writes nothing).
+    let reachable: Vec<String> = loaded
+        .config
+        .clusters
+        .iter()
+        .filter(|c| c.has_api_access())
+        .map(|c| c.name.clone())
+        .collect();
+    let observed = if reachable.is_empty() {
+        Vec::new()
+    } else {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the async runtime")?;
+        let opts = crate::trust::push::Options {
+            dry_run: true,
+            adopt: false,
+            attempts: Some(1),
+        };
+        runtime.block_on(crate::trust::distribute::all(
+            &loaded,
+            &state,
+            &reachable,
+            opts,
+            |_| {},
+        ))
+    };
+    let last = crate::trust::distribute::PushStatus::load(&loaded);
+    output::status(cli.output, &loaded, &state, now, &observed, &last)
 }
 
 /// The embedded defaults `cactl serve` runs on when there is no config file: one cluster named

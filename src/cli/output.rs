@@ -156,7 +156,10 @@ pub(super) fn status(
     loaded: &Loaded,
     state: &State,
     now: OffsetDateTime,
+    observed: &[crate::trust::push::ClusterReport],
+    last: &crate::trust::distribute::PushStatus,
 ) -> Result<()> {
+    use crate::trust::desired::Sync as S;
     let mut roots = Vec::new();
     for r in &state.roots {
         let info = CertInfo::from_pem_first(&r.cert_pem)?;
@@ -175,10 +178,37 @@ pub(super) fn status(
                 "not_after": ts(r.not_after), "days_left": (r.not_after - now).whole_days(),
             })
         });
+        let sync = observed.iter().find(|r| r.cluster == c.name).map(|r| {
+            let count = |f: &dyn Fn(&S) -> bool| r.objects.iter().filter(|o| f(&o.before)).count();
+            let drifted: Vec<&str> = r
+                .objects
+                .iter()
+                .filter(|o| !matches!(o.before, S::InSync))
+                .map(|o| o.object.as_str())
+                .collect();
+            json!({
+                "reachable": r.reachable,
+                "error": r.error,
+                "objects": r.objects.len(),
+                "in_sync": count(&|s| matches!(s, S::InSync)),
+                "drifted": count(&|s| matches!(s, S::Drifted { .. })),
+                "missing": count(&|s| matches!(s, S::Missing)),
+                "not_ours": count(&|s| matches!(s, S::NotOurs)),
+                "out_of_sync": drifted,
+                "istiod_has_bundle": r.istiod_has_bundle,
+            })
+        });
+        let last_push = last
+            .clusters
+            .get(&c.name)
+            .map(|l| json!({"at": ts(l.at), "ok": l.ok, "summary": l.summary, "error": l.error}));
         clusters.push(json!({
             "name": c.name,
+            "mode": c.mode,
             "intermediate": current,
             "history": cs.map_or(0, |s| s.history.len()),
+            "sync": sync,
+            "last_push": last_push,
         }));
     }
     let doc = json!({
@@ -222,6 +252,40 @@ pub(super) fn status(
                         i["not_after"].as_str().unwrap_or("?"),
                         i["days_left"]
                     ),
+                }
+                if let Some(sy) = c["sync"].as_object() {
+                    if let Some(e) = sy["error"].as_str() {
+                        outln!("  {:<16} sync: UNREACHABLE or failing: {e}", "");
+                    } else if sy["in_sync"] == sy["objects"] {
+                        outln!("  {:<16} sync: in sync ({} objects)", "", sy["objects"]);
+                    } else {
+                        outln!(
+                            "  {:<16} sync: OUT OF SYNC: {} drifted, {} missing, {} not ours: {}",
+                            "",
+                            sy["drifted"],
+                            sy["missing"],
+                            sy["not_ours"],
+                            sy["out_of_sync"]
+                        );
+                    }
+                    match sy["istiod_has_bundle"].as_bool() {
+                        Some(true) => {
+                            outln!("  {:<16} istiod: istio-ca-root-cert holds the bundle", "")
+                        }
+                        Some(false) => outln!(
+                            "  {:<16} istiod: istio-ca-root-cert does not hold the bundle yet",
+                            ""
+                        ),
+                        None => {}
+                    }
+                }
+                if let Some(lp) = c["last_push"].as_object() {
+                    outln!(
+                        "  {:<16} last push: {} {}",
+                        "",
+                        lp["at"].as_str().unwrap_or("?"),
+                        if lp["ok"] == true { "ok" } else { "FAILED" }
+                    );
                 }
             }
         }

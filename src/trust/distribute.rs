@@ -208,3 +208,121 @@ pub async fn all(
     out.sort_by(|a, b| a.cluster.cmp(&b.cluster));
     out
 }
+
+/// Keeps one cluster in sync from inside `cactl serve`: reconciles at start, on every change
+/// to an object cactl manages there (or to namespaces, in external mode), on a new state
+/// revision, and every `push.resync_interval`.
+pub async fn sync_loop(
+    loaded: Loaded,
+    store: std::sync::Arc<dyn crate::state::StateStore + Send + Sync>,
+    cluster: ClusterConfig,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    on_report: impl Fn(&ClusterReport) + Send + 'static,
+) {
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+    use kube::runtime::watcher;
+
+    let (kick_tx, mut kick_rx) = tokio::sync::mpsc::channel::<()>(1);
+    // Watches that only nudge the loop; the loop reads everything it needs itself.
+    match crate::cluster::client(&loaded, &cluster, None).await {
+        Ok(client) => {
+            let managed = format!("{}={}", desired::MANAGED_BY.0, desired::MANAGED_BY.1);
+            let cfg = watcher::Config::default().labels(&managed);
+            let kick = kick_tx.clone();
+            let cms: kube::Api<ConfigMap> = kube::Api::all(client.clone());
+            tokio::spawn(nudge(watcher::watcher(cms, cfg.clone()), kick));
+            let kick = kick_tx.clone();
+            let secrets: kube::Api<Secret> =
+                kube::Api::namespaced(client.clone(), &cluster.namespace);
+            tokio::spawn(nudge(watcher::watcher(secrets, cfg), kick));
+            if cluster.mode == ClusterMode::External {
+                let kick = kick_tx.clone();
+                let nss: kube::Api<Namespace> = kube::Api::all(client);
+                tokio::spawn(nudge(
+                    watcher::watcher(nss, watcher::Config::default()),
+                    kick,
+                ));
+            }
+        }
+        Err(e) => {
+            tracing::error!(cluster = %cluster.name, error = %e, "no watches; relying on periodic resync")
+        }
+    }
+    let mut tick = tokio::time::interval(
+        loaded
+            .config
+            .push
+            .resync_interval
+            .max(Duration::from_secs(1)),
+    );
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut poll = tokio::time::interval(
+        loaded
+            .config
+            .serve
+            .reload_interval
+            .max(Duration::from_millis(100)),
+    );
+    loop {
+        let state = match store.load() {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                tracing::warn!("no state to push");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read state for push");
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                continue;
+            }
+        };
+        let revision = state.revision;
+        let report = one(&loaded, &state, &cluster, Options::default()).await;
+        if report.writes > 0 || report.error.is_some() {
+            tracing::info!(cluster = %cluster.name, writes = report.writes, error = ?report.error, summary = %report.summary(), "cluster sync");
+        }
+        on_report(&report);
+        // Wait for a reason to look again.
+        loop {
+            tokio::select! {
+                () = stopped(&mut shutdown) => return,
+                _ = tick.tick() => break,
+                Some(()) = kick_rx.recv() => {
+                    // Let a burst of events settle.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    while kick_rx.try_recv().is_ok() {}
+                    break;
+                }
+                _ = poll.tick() => {
+                    if store.load().ok().flatten().is_some_and(|s| s.revision != revision) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn nudge<K, S>(stream: S, kick: tokio::sync::mpsc::Sender<()>)
+where
+    S: futures::Stream<
+            Item = Result<kube::runtime::watcher::Event<K>, kube::runtime::watcher::Error>,
+        >,
+{
+    use kube::runtime::watcher::Event;
+    let mut stream = std::pin::pin!(stream);
+    while let Some(ev) = stream.next().await {
+        match ev {
+            Ok(Event::Apply(_) | Event::Delete(_) | Event::InitDone) => {
+                let _ = kick.try_send(());
+            }
+            Ok(_) => {}
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+}
+
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
