@@ -226,22 +226,31 @@ pub async fn sync_loop(
     // Watches that only nudge the loop; the loop reads everything it needs itself.
     match crate::cluster::client(&loaded, &cluster, None).await {
         Ok(client) => {
-            let managed = format!("{}={}", desired::MANAGED_BY.0, desired::MANAGED_BY.1);
-            let cfg = watcher::Config::default().labels(&managed);
+            // Narrow watches that match the RBAC in deploy/member-cluster: by name in the Istio
+            // namespace, and (external mode only) managed ConfigMaps across namespaces plus
+            // namespaces themselves.
+            let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
             let kick = kick_tx.clone();
-            let cms: kube::Api<ConfigMap> = kube::Api::all(client.clone());
-            tokio::spawn(nudge(watcher::watcher(cms, cfg.clone()), kick));
-            let kick = kick_tx.clone();
-            let secrets: kube::Api<Secret> =
-                kube::Api::namespaced(client.clone(), &cluster.namespace);
-            tokio::spawn(nudge(watcher::watcher(secrets, cfg), kick));
+            let bundle: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), &cluster.namespace);
+            tokio::spawn(nudge(watcher::watcher(bundle, by_name(desired::TRUST_BUNDLE_CONFIGMAP)), kick));
+            let secret = match cluster.mode {
+                ClusterMode::Plugin => Some("cacerts"),
+                ClusterMode::External if cluster.istiod_tls => Some("istiod-tls"),
+                ClusterMode::External => None,
+            };
+            if let Some(name) = secret {
+                let kick = kick_tx.clone();
+                let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), &cluster.namespace);
+                tokio::spawn(nudge(watcher::watcher(secrets, by_name(name)), kick));
+            }
             if cluster.mode == ClusterMode::External {
+                let managed = format!("{}={}", desired::MANAGED_BY.0, desired::MANAGED_BY.1);
+                let kick = kick_tx.clone();
+                let cms: kube::Api<ConfigMap> = kube::Api::all(client.clone());
+                tokio::spawn(nudge(watcher::watcher(cms, watcher::Config::default().labels(&managed)), kick));
                 let kick = kick_tx.clone();
                 let nss: kube::Api<Namespace> = kube::Api::all(client);
-                tokio::spawn(nudge(
-                    watcher::watcher(nss, watcher::Config::default()),
-                    kick,
-                ));
+                tokio::spawn(nudge(watcher::watcher(nss, watcher::Config::default()), kick));
             }
         }
         Err(e) => {
