@@ -229,10 +229,15 @@ pub async fn sync_loop(
             // Narrow watches that match the RBAC in deploy/member-cluster: by name in the Istio
             // namespace, and (external mode only) managed ConfigMaps across namespaces plus
             // namespaces themselves.
-            let by_name = |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
+            let by_name =
+                |name: &str| watcher::Config::default().fields(&format!("metadata.name={name}"));
             let kick = kick_tx.clone();
-            let bundle: kube::Api<ConfigMap> = kube::Api::namespaced(client.clone(), &cluster.namespace);
-            tokio::spawn(nudge(watcher::watcher(bundle, by_name(desired::TRUST_BUNDLE_CONFIGMAP)), kick));
+            let bundle: kube::Api<ConfigMap> =
+                kube::Api::namespaced(client.clone(), &cluster.namespace);
+            tokio::spawn(nudge(
+                watcher::watcher(bundle, by_name(desired::TRUST_BUNDLE_CONFIGMAP)),
+                kick,
+            ));
             let secret = match cluster.mode {
                 ClusterMode::Plugin => Some("cacerts"),
                 ClusterMode::External if cluster.istiod_tls => Some("istiod-tls"),
@@ -240,17 +245,24 @@ pub async fn sync_loop(
             };
             if let Some(name) = secret {
                 let kick = kick_tx.clone();
-                let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), &cluster.namespace);
+                let secrets: kube::Api<Secret> =
+                    kube::Api::namespaced(client.clone(), &cluster.namespace);
                 tokio::spawn(nudge(watcher::watcher(secrets, by_name(name)), kick));
             }
             if cluster.mode == ClusterMode::External {
                 let managed = format!("{}={}", desired::MANAGED_BY.0, desired::MANAGED_BY.1);
                 let kick = kick_tx.clone();
                 let cms: kube::Api<ConfigMap> = kube::Api::all(client.clone());
-                tokio::spawn(nudge(watcher::watcher(cms, watcher::Config::default().labels(&managed)), kick));
+                tokio::spawn(nudge(
+                    watcher::watcher(cms, watcher::Config::default().labels(&managed)),
+                    kick,
+                ));
                 let kick = kick_tx.clone();
                 let nss: kube::Api<Namespace> = kube::Api::all(client);
-                tokio::spawn(nudge(watcher::watcher(nss, watcher::Config::default()), kick));
+                tokio::spawn(nudge(
+                    watcher::watcher(nss, watcher::Config::default()),
+                    kick,
+                ));
             }
         }
         Err(e) => {
