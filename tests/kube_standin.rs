@@ -92,6 +92,16 @@ fn crud_conflicts_selectors_and_errors() {
         s.forbid("configmaps", "a");
         let err = api.get("a").await.unwrap_err();
         assert!(matches!(&err, kube::Error::Api(s) if s.code == 403), "{err:?}");
+        // coordination.k8s.io Leases: same semantics through the generic store.
+        use k8s_openapi::api::coordination::v1::Lease;
+        let leases: Api<Lease> = Api::namespaced(c.clone(), "cactl-system");
+        let lease: Lease = serde_json::from_value(serde_json::json!({"metadata": {"name": "cactl-leader"}, "spec": {"holderIdentity": "a", "leaseDurationSeconds": 15}})).unwrap();
+        let l1 = leases.create(&PostParams::default(), &lease).await.unwrap();
+        let mut l2 = l1.clone();
+        l2.spec.as_mut().unwrap().holder_identity = Some("b".into());
+        leases.replace("cactl-leader", &PostParams::default(), &l2).await.unwrap();
+        let err = leases.replace("cactl-leader", &PostParams::default(), &l2).await.unwrap_err();
+        assert!(matches!(&err, kube::Error::Api(s) if s.code == 409), "{err:?}");
         // cluster-scoped namespaces
         let ns: Api<Namespace> = Api::all(c.clone());
         ns.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": "shop"}})).unwrap()).await.unwrap();

@@ -298,6 +298,34 @@ fn a_failing_cluster_never_blocks_the_others_and_recovers() {
     m.ext.faults.latency_ms.store(0, Ordering::SeqCst);
     m.env.ok(&["push"]);
     assert!(m.west.get("secrets", "istio-system", "cacerts").is_some());
+    // Dropped connections: reported, others fine, repaired after recovery.
+    m.ext.faults.drop_connections.store(true, Ordering::SeqCst);
+    let mut cm = m
+        .ext
+        .get("configmaps", "default", "istio-ca-root-cert")
+        .unwrap();
+    cm["data"]["root-cert.pem"] = json!("edited");
+    m.ext.put("configmaps", "default", cm);
+    let r = m.env.run(&["push"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stdout.contains("ext: FAILED after 2 attempt(s)"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("east: ok") && r.stdout.contains("west: ok"),
+        "{}",
+        r.stdout
+    );
+    m.ext.faults.drop_connections.store(false, Ordering::SeqCst);
+    m.env.ok(&["push", "ext"]);
+    assert_ne!(
+        m.ext
+            .get("configmaps", "default", "istio-ca-root-cert")
+            .unwrap()["data"]["root-cert.pem"],
+        "edited"
+    );
     // Unreachable (nothing listens) and forbidden.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

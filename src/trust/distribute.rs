@@ -133,7 +133,14 @@ pub async fn one(
         Err(e) => return failed(&c.name, e),
     };
     let cfg = &loaded.config.push;
-    let client = match crate::cluster::client(loaded, c, Some(cfg.request_timeout)).await {
+    // The client's own timeouts stay above ours, so a hang is reported as our timeout.
+    let client = match crate::cluster::client(
+        loaded,
+        c,
+        Some(cfg.request_timeout + Duration::from_secs(5)),
+    )
+    .await
+    {
         Ok(cl) => cl,
         Err(e) => return failed(&c.name, e.to_string()),
     };
