@@ -75,6 +75,42 @@ pub struct ServingPem {
     pub not_after: OffsetDateTime,
 }
 
+/// A freshly issued serving certificate: leaf DER, intermediates, key, facts.
+struct Issued {
+    leaf: Vec<u8>,
+    key: SecretKey,
+    info: CertInfo,
+}
+
+/// Issues a server certificate from `issuer` for `dns_names`, with a new key of the issuer's
+/// family (ECDSA P-256/P-384 for EC issuers, RSA-2048 for RSA ones).
+fn issue(
+    issuer: &ClusterIssuer,
+    organization: &str,
+    dns_names: &[String],
+    lifetime: time::Duration,
+    now: OffsetDateTime,
+) -> Result<Issued, Error> {
+    let alg = match issuer.signer().key().algorithm() {
+        KeyAlgorithm::EcdsaP384 => KeyAlgorithm::EcdsaP384,
+        a if a.is_rsa() => KeyAlgorithm::Rsa2048,
+        _ => KeyAlgorithm::EcdsaP256,
+    };
+    let key = SecretKey::generate(alg).map_err(|e| Error::Issue(e.to_string()))?;
+    let spec = ServerSpec {
+        organization: organization.to_owned(),
+        dns_names: dns_names.to_vec(),
+        now,
+        lifetime,
+        rsa_key: alg.is_rsa(),
+    };
+    let rng = ring::rand::SystemRandom::new();
+    let leaf = template::sign_server(&spec, &key.public_key_spki(), issuer.signer(), &rng)
+        .map_err(|e| Error::Issue(e.to_string()))?;
+    let info = CertInfo::from_der(&leaf).map_err(|e| Error::Issue(e.to_string()))?;
+    Ok(Issued { leaf, key, info })
+}
+
 /// Issues a serving certificate from `issuer` for `dns_names`, as PEM.
 pub fn issue_serving_pem(
     issuer: &ClusterIssuer,
@@ -83,36 +119,20 @@ pub fn issue_serving_pem(
     lifetime: time::Duration,
     now: OffsetDateTime,
 ) -> Result<ServingPem, Error> {
-    let alg = match issuer.signer().key().algorithm() {
-        KeyAlgorithm::EcdsaP384 => KeyAlgorithm::EcdsaP384,
-        a if a.is_rsa() => KeyAlgorithm::Rsa2048,
-        _ => KeyAlgorithm::EcdsaP256,
-    };
-    let key = SecretKey::generate(alg).map_err(|e| Error::Issue(e.to_string()))?;
-    let spec = ServerSpec {
-        organization: organization.to_owned(),
-        dns_names: dns_names.to_vec(),
-        now,
-        lifetime,
-        rsa_key: alg.is_rsa(),
-    };
-    let rng = ring::rand::SystemRandom::new();
-    let der = template::sign_server(&spec, &key.public_key_spki(), issuer.signer(), &rng)
-        .map_err(|e| Error::Issue(e.to_string()))?;
-    let info = CertInfo::from_der(&der).map_err(|e| Error::Issue(e.to_string()))?;
-    let mut chain_pem = crate::pki::pem::encode_cert(&der);
+    let i = issue(issuer, organization, dns_names, lifetime, now)?;
+    let mut chain_pem = crate::pki::pem::encode_cert(&i.leaf);
     for d in issuer.intermediates() {
         chain_pem.push_str(&crate::pki::pem::encode_cert(d));
     }
     Ok(ServingPem {
         chain_pem,
-        key,
-        not_before: info.not_before,
-        not_after: info.not_after,
+        key: i.key,
+        not_before: i.info.not_before,
+        not_after: i.info.not_after,
     })
 }
 
-/// Issues a serving certificate from `issuer` for `dns_names`.
+/// Issues the signing service's own serving certificate from `issuer` for `dns_names`.
 pub fn issue_serving(
     issuer: &ClusterIssuer,
     organization: &str,
@@ -120,31 +140,15 @@ pub fn issue_serving(
     lifetime: time::Duration,
     now: OffsetDateTime,
 ) -> Result<Serving, Error> {
-    let alg = match issuer.signer().key().algorithm() {
-        KeyAlgorithm::EcdsaP384 => KeyAlgorithm::EcdsaP384,
-        a if a.is_rsa() => KeyAlgorithm::Rsa2048,
-        _ => KeyAlgorithm::EcdsaP256,
-    };
-    let key = SecretKey::generate(alg).map_err(|e| Error::Issue(e.to_string()))?;
-    let spec = ServerSpec {
-        organization: organization.to_owned(),
-        dns_names: dns_names.to_vec(),
-        now,
-        lifetime,
-        rsa_key: alg.is_rsa(),
-    };
-    let rng = ring::rand::SystemRandom::new();
-    let der = template::sign_server(&spec, &key.public_key_spki(), issuer.signer(), &rng)
-        .map_err(|e| Error::Issue(e.to_string()))?;
-    let info = CertInfo::from_der(&der).map_err(|e| Error::Issue(e.to_string()))?;
-    let mut chain = vec![CertificateDer::from(der)];
+    let i = issue(issuer, organization, dns_names, lifetime, now)?;
+    let mut chain = vec![CertificateDer::from(i.leaf)];
     chain.extend(
         issuer
             .intermediates()
             .iter()
             .map(|d| CertificateDer::from(d.clone())),
     );
-    let pkcs8 = key.to_pkcs8_der();
+    let pkcs8 = i.key.to_pkcs8_der();
     let signing = provider()
         .key_provider
         .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
@@ -152,9 +156,9 @@ pub fn issue_serving(
         )))?;
     Ok(Serving {
         key: Arc::new(CertifiedKey::new(chain, signing)),
-        not_before: info.not_before,
-        not_after: info.not_after,
-        serial: info.serial_hex,
+        not_before: i.info.not_before,
+        not_after: i.info.not_after,
+        serial: i.info.serial_hex,
     })
 }
 

@@ -135,6 +135,18 @@ fn strip_nanos(t: OffsetDateTime) -> OffsetDateTime {
     t.replace_nanosecond(0).unwrap_or(t)
 }
 
+/// digitalSignature, plus keyEncipherment for RSA keys only (RFC 5480 forbids it for EC keys).
+fn end_entity_key_usages(rsa_key: bool) -> Vec<KeyUsagePurpose> {
+    if rsa_key {
+        vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ]
+    } else {
+        vec![KeyUsagePurpose::DigitalSignature]
+    }
+}
+
 fn ca_key_usages() -> Vec<KeyUsagePurpose> {
     vec![
         KeyUsagePurpose::DigitalSignature,
@@ -225,15 +237,7 @@ pub fn leaf_params(
             |_| Error::Generate("identity is not an IA5 string".into()),
         )?)];
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = if spec.rsa_key {
-        vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ]
-    } else {
-        // RFC 5480: keyEncipherment is not for EC keys.
-        vec![KeyUsagePurpose::DigitalSignature]
-    };
+    params.key_usages = end_entity_key_usages(spec.rsa_key);
     params.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -303,14 +307,7 @@ pub fn sign_server(
         })
         .collect::<Result<_, _>>()?;
     params.is_ca = IsCa::ExplicitNoCa;
-    params.key_usages = if spec.rsa_key {
-        vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ]
-    } else {
-        vec![KeyUsagePurpose::DigitalSignature]
-    };
+    params.key_usages = end_entity_key_usages(spec.rsa_key);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.not_before = strip_nanos(spec.now - LEAF_BACKDATE);
     params.not_after = strip_nanos((spec.now + spec.lifetime).min(signer.not_after));
