@@ -21,6 +21,7 @@ pub mod fsutil;
 pub mod grpc;
 pub mod pki;
 pub mod policy;
+pub mod rotation;
 pub mod secret;
 pub mod serve;
 pub mod state;
