@@ -889,14 +889,23 @@ fn request(cli: &Cli, args: &RequestArgs) -> Result<()> {
         &csr,
         args.ttl_seconds,
     ))?;
+    // Istio's clients refuse fewer than two elements (leaf, ..., root bundle); so do we.
+    let [leaf_and_intermediates @ .., bundle] = chain.as_slice() else {
+        bail!("invalid response: empty certificate chain");
+    };
+    if leaf_and_intermediates.is_empty() {
+        bail!(
+            "invalid response: {} element(s); expected the leaf, intermediates and the root bundle",
+            chain.len()
+        );
+    }
     if let Some(dir) = &args.out {
         fsutil::ensure_dir(dir, 0o755)
             .with_context(|| format!("cannot create {}", dir.display()))?;
         fsutil::write_atomic(&dir.join("key.pem"), key.to_pkcs8_pem().as_bytes(), 0o600)?;
-        let n = chain.len();
-        let certs: String = chain[..n.saturating_sub(1)].concat();
+        let certs: String = leaf_and_intermediates.concat();
         fsutil::write_atomic(&dir.join("cert-chain.pem"), certs.as_bytes(), 0o644)?;
-        fsutil::write_atomic(&dir.join("root-cert.pem"), chain[n - 1].as_bytes(), 0o644)?;
+        fsutil::write_atomic(&dir.join("root-cert.pem"), bundle.as_bytes(), 0o644)?;
     }
     output::requested(cli.output, &chain);
     Ok(())

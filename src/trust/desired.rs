@@ -34,8 +34,9 @@ pub enum Kind {
     ClusterTrustBundle,
 }
 
-/// One object a cluster should hold.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// One object a cluster should hold. `Debug` shows data keys, never values (a Secret's values
+/// include private keys).
+#[derive(Clone, PartialEq, Eq, Serialize)]
 pub struct Desired {
     /// Kind.
     pub kind: Kind,
@@ -52,6 +53,20 @@ pub struct Desired {
     pub hash: String,
     /// State revision the content came from.
     pub generation: u64,
+}
+
+impl std::fmt::Debug for Desired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Desired")
+            .field("kind", &self.kind)
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .field("data_keys", &self.data.keys().collect::<Vec<_>>())
+            .field("labels", &self.labels)
+            .field("hash", &self.hash)
+            .field("generation", &self.generation)
+            .finish()
+    }
 }
 
 impl Desired {
@@ -97,7 +112,7 @@ fn object(
 }
 
 /// What one cluster needs, as inputs to [`desired`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Inputs<'a> {
     /// Delivery mode.
     pub mode: ClusterMode,
@@ -238,8 +253,8 @@ pub fn desired(inp: &Inputs<'_>) -> Vec<Desired> {
     out
 }
 
-/// An object as read back from a cluster.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// An object as read back from a cluster. `Debug` shows data keys, never values.
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Observed {
     /// Data (decoded for Secrets).
     pub data: BTreeMap<String, String>,
@@ -249,6 +264,17 @@ pub struct Observed {
     pub annotations: BTreeMap<String, String>,
     /// resourceVersion.
     pub resource_version: String,
+}
+
+impl std::fmt::Debug for Observed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observed")
+            .field("data_keys", &self.data.keys().collect::<Vec<_>>())
+            .field("labels", &self.labels)
+            .field("annotations", &self.annotations)
+            .field("resource_version", &self.resource_version)
+            .finish()
+    }
 }
 
 impl Observed {
@@ -420,6 +446,29 @@ mod tests {
         );
         have.labels.remove(MANAGED_BY.0);
         assert_eq!(compare(d, Some(&have)), Sync::NotOurs);
+    }
+
+    #[test]
+    fn debug_never_shows_values() {
+        let d = object(
+            Kind::Secret,
+            "istio-system",
+            "cacerts",
+            BTreeMap::from([(
+                "ca-key.pem".to_owned(),
+                "-----BEGIN PRIVATE KEY-----".to_owned(),
+            )]),
+            BTreeMap::new(),
+            1,
+        );
+        let o = Observed {
+            data: d.data.clone(),
+            ..Observed::default()
+        };
+        for shown in [format!("{d:?}"), format!("{o:?}")] {
+            assert!(shown.contains("ca-key.pem"), "{shown}");
+            assert!(!shown.contains("PRIVATE KEY"), "{shown}");
+        }
     }
 
     #[test]

@@ -180,8 +180,8 @@ impl Target {
     }
 }
 
-/// What a cluster holds, read back.
-#[derive(Clone, Debug, Default)]
+/// What a cluster holds, read back. No `Debug`: it holds Secrets as read.
+#[derive(Clone, Default)]
 pub struct ClusterView {
     /// Namespaces: name, terminating, labels.
     pub namespaces: Vec<(String, bool, BTreeMap<String, String>)>,
@@ -193,8 +193,8 @@ pub struct ClusterView {
     pub raw: BTreeMap<(Kind, String, String), Raw>,
 }
 
-/// An object as read from the API.
-#[derive(Clone, Debug)]
+/// An object as read from the API. No `Debug`: a Secret's data would show.
+#[derive(Clone)]
 pub enum Raw {
     /// A ConfigMap.
     ConfigMap(Box<ConfigMap>),
