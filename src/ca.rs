@@ -364,14 +364,17 @@ impl ClusterIssuer {
         out
     }
 
-    /// Whether `leaf` sits where it must under this issuer: issuer name, authority key id,
-    /// validity inside the issuer's, the requested public key and identity, not a CA. A cheap,
-    /// allocation-light parse (no signature check).
-    fn fits(&self, leaf: &[u8], approved: &Approved) -> bool {
+    /// Checks that `leaf` sits where it must under this issuer: issuer name, authority key id,
+    /// validity inside the issuer's, the requested public key and identity, not a CA; with
+    /// `full`, also its signature with the issuer's key. One parse of the leaf, which also
+    /// yields its serial (hex) for the log.
+    fn check(&self, leaf: &[u8], approved: &Approved, full: bool) -> Result<String, Error> {
         use x509_parser::extensions::{GeneralName, ParsedExtension};
         use x509_parser::prelude::{FromDer, X509Certificate};
+        use x509_parser::x509::SubjectPublicKeyInfo;
+        let misfit = || Error::Inconsistent("issued certificate does not fit its issuer".into());
         let Ok((rest, cert)) = X509Certificate::from_der(leaf) else {
-            return false;
+            return Err(misfit());
         };
         if !rest.is_empty()
             || cert.issuer().as_raw() != self.info.subject_raw.as_slice()
@@ -379,7 +382,7 @@ impl ClusterIssuer {
             || cert.validity().not_after.to_datetime() > self.info.not_after
             || cert.validity().not_before.to_datetime() < self.info.not_before
         {
-            return false;
+            return Err(misfit());
         }
         let mut aki_ok = false;
         let mut san_ok = false;
@@ -392,11 +395,22 @@ impl ClusterIssuer {
                 ParsedExtension::SubjectAlternativeName(san) => {
                     san_ok = matches!(san.general_names.as_slice(), [GeneralName::URI(u)] if *u == identity);
                 }
-                ParsedExtension::BasicConstraints(bc) if bc.ca => return false,
+                ParsedExtension::BasicConstraints(bc) if bc.ca => return Err(misfit()),
                 _ => {}
             }
         }
-        aki_ok && san_ok
+        if !(aki_ok && san_ok) {
+            return Err(misfit());
+        }
+        // The issuer chain above the leaf was verified when it was loaded.
+        if full {
+            let (_, issuer_key) = SubjectPublicKeyInfo::from_der(&self.info.spki)
+                .map_err(|e| crate::pki::Error::Certificate(e.to_string()))?;
+            cert.verify_signature(Some(&issuer_key)).map_err(|_| {
+                Error::Inconsistent("issued certificate's signature does not verify".into())
+            })?;
+        }
+        Ok(hex::encode(cert.raw_serial()))
     }
 
     /// Signs an approved request and verifies the result: the leaf's signature and its place
@@ -415,7 +429,7 @@ impl ClusterIssuer {
         now: OffsetDateTime,
         full: bool,
     ) -> Result<Issued, Error> {
-        let leaf = self.sign_checked(approved, now, full)?;
+        let (leaf, _serial) = self.sign_checked(approved, now, full)?;
         Ok(Issued {
             leaf,
             intermediates: self.intermediates.clone(),
@@ -423,14 +437,14 @@ impl ClusterIssuer {
         })
     }
 
-    /// Signs and checks like [`Self::issue_verified`], returning only the leaf (DER): the hot
-    /// path, which answers with [`Self::response_chain`].
+    /// Signs and checks like [`Self::issue_verified`], returning only the leaf (DER) and its
+    /// serial (hex): the hot path, which answers with [`Self::response_chain`].
     pub fn sign_checked(
         &self,
         approved: &Approved,
         now: OffsetDateTime,
         full: bool,
-    ) -> Result<Vec<u8>, Error> {
+    ) -> Result<(Vec<u8>, String), Error> {
         let spec = LeafSpec {
             identity: approved.identity.clone(),
             now,
@@ -438,24 +452,7 @@ impl ClusterIssuer {
             rsa_key: approved.rsa_key,
         };
         let leaf = template::sign_leaf(&spec, &approved.spki, &self.signer, &self.rng)?;
-        if !self.fits(&leaf, approved) {
-            return Err(Error::Inconsistent(
-                "issued certificate does not fit its issuer".into(),
-            ));
-        }
-        // The issuer chain above the leaf was verified when it was loaded; `full` also checks
-        // the leaf's own signature with the issuer's key.
-        if full {
-            use x509_parser::prelude::{FromDer, X509Certificate};
-            let (_, issuer) = X509Certificate::from_der(self.signer.cert_der())
-                .map_err(|e| crate::pki::Error::Certificate(e.to_string()))?;
-            let (_, cert) = X509Certificate::from_der(&leaf)
-                .map_err(|e| crate::pki::Error::Certificate(e.to_string()))?;
-            cert.verify_signature(Some(issuer.public_key()))
-                .map_err(|_| {
-                    Error::Inconsistent("issued certificate's signature does not verify".into())
-                })?;
-        }
-        Ok(leaf)
+        let serial = self.check(&leaf, approved, full)?;
+        Ok((leaf, serial))
     }
 }

@@ -195,24 +195,19 @@ impl CaService {
             ))
         })?;
         let now = OffsetDateTime::now_utc();
-        let leaf = issuer
+        let (leaf, serial) = issuer
             .sign_checked(&approved, now, self.verify == VerifyIssued::Full)
             .map_err(|e| Failure::Internal(e.to_string()))?;
         let chain = issuer.response_chain(&leaf);
-        if tracing::enabled!(tracing::Level::INFO) {
-            let serial = crate::pki::cert::CertInfo::from_der(&leaf)
-                .map(|i| i.serial_hex)
-                .unwrap_or_default();
-            tracing::info!(
-                cluster = %caller.cluster,
-                identity = %approved.identity,
-                caller = %caller.identity,
-                serial = %serial,
-                ttl_secs = approved.ttl.whole_seconds(),
-                ttl_clamped = approved.ttl_clamped,
-                "issued workload certificate"
-            );
-        }
+        tracing::info!(
+            cluster = %caller.cluster,
+            identity = %approved.identity,
+            caller = %caller.identity,
+            serial = %serial,
+            ttl_secs = approved.ttl.whole_seconds(),
+            ttl_clamped = approved.ttl_clamped,
+            "issued workload certificate"
+        );
         Ok(IstioCertificateResponse { cert_chain: chain })
     }
 }
