@@ -121,6 +121,8 @@ pub fn init_imported(
         status: RootStatus::Active,
         origin: RootOrigin::Imported,
         created_at: now,
+        retired_at: None,
+        cross_signed_pem: None,
     });
     Ok(())
 }
@@ -134,10 +136,34 @@ pub fn issue_intermediate(
     cluster: &str,
     now: OffsetDateTime,
 ) -> Result<IntermediateRecord, Error> {
+    let root = state.signing_root().ok_or(Error::NoRoot)?.id.clone();
+    let record = mint_intermediate(state, config, backend, cluster, &root, now)?;
+    let entry = state.clusters.entry(cluster.to_owned()).or_default();
+    if let Some(prev) = entry.current.take() {
+        entry.history.push(prev);
+    }
+    entry.current = Some(record.clone());
+    Ok(record)
+}
+
+/// Mints a new intermediate for `cluster` under root `root_id` without placing it in a slot.
+/// During a root rotation with cross-signing, an intermediate under the new root carries the
+/// new root cross-signed by the old one in its chain.
+pub fn mint_intermediate(
+    state: &mut State,
+    config: &Config,
+    backend: &dyn RootAuthority,
+    cluster: &str,
+    root_id: &str,
+    now: OffsetDateTime,
+) -> Result<IntermediateRecord, Error> {
     if config.cluster(cluster).is_none() {
         return Err(Error::UnknownCluster(cluster.to_owned()));
     }
-    let root = state.signing_root().ok_or(Error::NoRoot)?.clone();
+    let root = state
+        .root(root_id)
+        .ok_or_else(|| Error::Inconsistent(format!("unknown root {root_id}")))?
+        .clone();
     let seq = state.next_sequence();
     let key = SecretKey::generate(config.intermediate.key_type)?;
     let spec = IntermediateSpec {
@@ -166,20 +192,51 @@ pub fn issue_intermediate(
     }
     let root_der = pem::certificates(&root.cert_pem)?;
     chain::verify(std::slice::from_ref(&der), &root_der, now)?;
-    let record = IntermediateRecord {
+    let rotation = &state.root_rotation;
+    let cross = match rotation.phase.roots() {
+        Some((_, new, _)) if rotation.cross_sign && !rotation.aborted && new == root.id => {
+            root.cross_signed_pem.clone()
+        }
+        _ => None,
+    };
+    Ok(IntermediateRecord {
         serial: info.serial_hex.clone(),
         cert_pem: pem::encode_cert(&der),
         key_pem: SecretString::new(key.to_pkcs8_pem()),
         root_id: root.id.clone(),
         created_at: now,
         not_after: info.not_after,
-    };
-    let entry = state.clusters.entry(cluster.to_owned()).or_default();
-    if let Some(prev) = entry.current.take() {
-        entry.history.push(prev);
+        not_before: Some(info.not_before),
+        chain_extra_pem: cross,
+        replaced_early_at: None,
+    })
+}
+
+/// Cross-signs root `new` with root `old` and records it on `new`.
+pub fn cross_sign(
+    state: &mut State,
+    backend: &dyn RootAuthority,
+    old: &str,
+    new: &str,
+    now: OffsetDateTime,
+) -> Result<(), Error> {
+    let unknown = |id: &str| Error::Inconsistent(format!("unknown root {id}"));
+    let issuer = state.root(old).ok_or_else(|| unknown(old))?.clone();
+    let subject = state.root(new).ok_or_else(|| unknown(new))?.clone();
+    let der = backend.cross_sign(&subject, &issuer, now)?;
+    let subject_der = pem::certificates(&subject.cert_pem)?;
+    let issuer_der = pem::certificates(&issuer.cert_pem)?;
+    // The copy must chain to the old root and carry the new root's key.
+    chain::verify(std::slice::from_ref(&der), &issuer_der, now)?;
+    if CertInfo::from_der(&der)?.spki != CertInfo::from_der(&subject_der[0])?.spki {
+        return Err(Error::Inconsistent(
+            "the cross-signed root carries another key".into(),
+        ));
     }
-    entry.current = Some(record.clone());
-    Ok(record)
+    if let Some(r) = state.roots.iter_mut().find(|r| r.id == new) {
+        r.cross_signed_pem = Some(pem::encode_cert(&der));
+    }
+    Ok(())
 }
 
 /// DER of every active root: the trust bundle, oldest first.
@@ -218,6 +275,9 @@ fn chain_of(state: &State, record: &IntermediateRecord) -> Result<Vec<Vec<u8>>, 
         ))
     })?;
     let mut chain = pem::certificates(&record.cert_pem)?;
+    if let Some(extra) = &record.chain_extra_pem {
+        chain.extend(pem::certificates(extra)?);
+    }
     chain.extend(pem::certificates(&root.cert_pem)?);
     Ok(chain)
 }

@@ -69,6 +69,8 @@ pub struct Config {
     pub serve: ServeConfig,
     /// Distribution to clusters (`cactl push`, and `cactl serve`'s sync).
     pub push: PushConfig,
+    /// Scheduled rotation (`cactl rotate`, and `cactl serve`'s timer).
+    pub rotation: RotationConfig,
     /// Member clusters.
     pub clusters: Vec<ClusterConfig>,
 }
@@ -251,6 +253,52 @@ pub struct WorkloadConfig {
     pub max_ttl: StdDuration,
 }
 
+/// Rotation thresholds and waits.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RotationConfig {
+    /// Cap of how long before an intermediate's NotAfter its successor is prepared (the lead
+    /// is half the lifetime, at most this).
+    #[serde(with = "humantime_serde")]
+    pub prepare_before: StdDuration,
+    /// Cap of how long before an intermediate's NotAfter its successor is activated (the lead
+    /// is a sixth of the lifetime, at most this).
+    #[serde(with = "humantime_serde")]
+    pub activate_before: StdDuration,
+    /// Largest per-cluster shift of both thresholds, so a fleet does not rotate at once.
+    #[serde(with = "humantime_serde")]
+    pub jitter: StdDuration,
+    /// How long a root phase lasts at least once every cluster holds its material; unset
+    /// means `workload.max_ttl` (every workload certificate has been renewed by then).
+    #[serde(
+        default,
+        with = "humantime_serde::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub soak: Option<StdDuration>,
+    /// How often `cactl serve` runs the rotation executor (0 disables it).
+    #[serde(with = "humantime_serde")]
+    pub interval: StdDuration,
+    /// Lease that elects the one `cactl serve` replica that rotates and pushes, in the
+    /// namespace cactl runs in (in-cluster only; unset: every replica acts, for single
+    /// replicas).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lease: Option<String>,
+}
+
+impl Default for RotationConfig {
+    fn default() -> Self {
+        Self {
+            prepare_before: StdDuration::from_secs(30 * 86_400),
+            activate_before: StdDuration::from_secs(7 * 86_400),
+            jitter: StdDuration::from_secs(6 * 3600),
+            soak: None,
+            interval: StdDuration::from_secs(600),
+            lease: None,
+        }
+    }
+}
+
 /// State store selection.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -404,6 +452,7 @@ impl Default for Config {
             state: StateConfig::default(),
             serve: ServeConfig::default(),
             push: PushConfig::default(),
+            rotation: RotationConfig::default(),
             clusters: Vec::new(),
         }
     }
@@ -562,6 +611,25 @@ impl Config {
                 "must not exceed intermediate.lifetime".into(),
             ));
         }
+        // A successor is activated a sixth of the lifetime (at most activate_before) before
+        // its predecessor expires; a workload certificate issued just before must still fit.
+        let cover = (self.intermediate.lifetime / 6).min(self.rotation.activate_before);
+        if self.workload.max_ttl > cover {
+            return Err(invalid(
+                "workload.max_ttl",
+                format!(
+                    "{} is longer than an intermediate can cover: at most min(intermediate.lifetime/6, rotation.activate_before) = {} (raise intermediate.lifetime or lower workload.max_ttl)",
+                    humantime::format_duration(self.workload.max_ttl),
+                    humantime::format_duration(cover)
+                ),
+            ));
+        }
+        if self.rotation.activate_before >= self.rotation.prepare_before {
+            return Err(invalid(
+                "rotation.activate_before",
+                "must be shorter than rotation.prepare_before".into(),
+            ));
+        }
         for (field, addr) in [
             ("serve.listen", Some(&self.serve.listen)),
             ("serve.metrics_listen", Some(&self.serve.metrics_listen)),
@@ -711,6 +779,18 @@ impl Config {
         serde_saphyr::to_string(self).unwrap_or_default()
     }
 
+    /// The rotation policy: thresholds from `rotation`, soak defaulting to the longest
+    /// workload certificate lifetime.
+    pub fn rotation_policy(&self) -> crate::rotation::Policy {
+        let r = &self.rotation;
+        crate::rotation::Policy {
+            prepare_cap: to_time(r.prepare_before),
+            activate_cap: to_time(r.activate_before),
+            jitter: to_time(r.jitter),
+            soak: to_time(r.soak.unwrap_or(self.workload.max_ttl)),
+        }
+    }
+
     /// The workload policy this config describes.
     pub fn workload_policy(&self) -> WorkloadPolicy {
         WorkloadPolicy {
@@ -786,6 +866,36 @@ mod humantime_serde {
                 "invalid duration {text:?} ({e}); use e.g. 24h, 30d, 1y"
             ))
         })
+    }
+
+    /// The same for optional durations.
+    pub(super) mod option {
+        use std::time::Duration;
+
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub(in super::super) fn serialize<S: Serializer>(
+            d: &Option<Duration>,
+            s: S,
+        ) -> Result<S::Ok, S::Error> {
+            match d {
+                Some(d) => s.serialize_some(&super::format(*d)),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub(in super::super) fn deserialize<'de, D: Deserializer<'de>>(
+            d: D,
+        ) -> Result<Option<Duration>, D::Error> {
+            let Some(text) = Option::<String>::deserialize(d)? else {
+                return Ok(None);
+            };
+            humantime::parse_duration(&text).map(Some).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {text:?} ({e}); use e.g. 24h, 30d, 1y"
+                ))
+            })
+        }
     }
 }
 

@@ -211,3 +211,76 @@ pub fn server_config(
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
+
+/// Lifetime of the istiod serving certificates cactl distributes (renewed at two thirds).
+pub const ISTIOD_TLS_LIFETIME: time::Duration = time::Duration::days(30);
+
+/// External-mode clusters whose istiod serving certificate must be issued or renewed: none
+/// yet, two thirds of its life gone, or issued by an intermediate the cluster no longer uses.
+pub fn istiod_tls_due(
+    state: &crate::state::State,
+    config: &crate::config::Config,
+    now: OffsetDateTime,
+) -> Vec<String> {
+    config
+        .clusters
+        .iter()
+        .filter(|c| c.mode == crate::config::ClusterMode::External && c.istiod_tls)
+        .filter(|c| {
+            let cs = state.clusters.get(&c.name);
+            let current = cs
+                .and_then(|s| s.current.as_ref())
+                .and_then(|r| crate::pki::pem::certificates(&r.cert_pem).ok());
+            let Some(current) = current else {
+                // Nothing to issue it with yet.
+                return false;
+            };
+            cs.and_then(|s| s.istiod_tls.as_ref()).is_none_or(|r| {
+                r.due(now)
+                    || crate::pki::pem::certificates(&r.cert_pem)
+                        .ok()
+                        .and_then(|chain| chain.get(1).cloned())
+                        .as_ref()
+                        != current.first()
+            })
+        })
+        .map(|c| c.name.clone())
+        .collect()
+}
+
+/// Issues istiod serving certificates where [`istiod_tls_due`] says so, into the state (the
+/// caller saves it before pushing). Returns the clusters it issued for.
+pub fn refresh_istiod_tls(
+    state: &mut crate::state::State,
+    config: &crate::config::Config,
+    now: OffsetDateTime,
+) -> Result<Vec<String>, crate::ca::Error> {
+    let due = istiod_tls_due(state, config, now);
+    for name in &due {
+        let Some(c) = config.cluster(name) else {
+            continue;
+        };
+        let issuer = ClusterIssuer::load_at(state, config, name, now)?;
+        let names = vec![
+            format!("istiod.{}.svc", c.namespace),
+            format!("istiod.{}.svc.cluster.local", c.namespace),
+        ];
+        let s = issue_serving_pem(
+            &issuer,
+            &config.organization,
+            &names,
+            ISTIOD_TLS_LIFETIME,
+            now,
+        )
+        .map_err(|e| crate::ca::Error::Inconsistent(e.to_string()))?;
+        let entry = state.clusters.entry(name.clone()).or_default();
+        entry.istiod_tls = Some(crate::state::ServingRecord {
+            cert_pem: s.chain_pem,
+            key_pem: crate::secret::SecretString::new(s.key.to_pkcs8_pem()),
+            not_before: s.not_before,
+            not_after: s.not_after,
+        });
+        tracing::info!(cluster = %name, "issued istiod serving certificate");
+    }
+    Ok(due)
+}

@@ -52,6 +52,8 @@ impl RootAuthority for LocalRoot {
             status: RootStatus::Active,
             origin: RootOrigin::Generated,
             created_at: now,
+            retired_at: None,
+            cross_signed_pem: None,
         })
     }
 
@@ -61,13 +63,28 @@ impl RootAuthority for LocalRoot {
         spec: &IntermediateSpec,
         spki: &[u8],
     ) -> Result<Vec<u8>, Error> {
-        let key_pem = root.key_pem.as_ref().ok_or_else(|| Error::Root {
-            id: root.id.clone(),
-            reason: "its key is not in the state store (wrong root backend?)".into(),
-        })?;
-        let key = SecretKey::from_pem(key_pem.expose())?;
-        let cert = pem::certificates(&root.cert_pem)?;
-        let signer = CaSigner::new(&cert[0], key)?;
+        let signer = signer(root)?;
         Ok(template::sign_intermediate(spec, spki, &signer, &self.rng)?)
     }
+
+    fn cross_sign(
+        &self,
+        subject: &RootRecord,
+        issuer: &RootRecord,
+        now: OffsetDateTime,
+    ) -> Result<Vec<u8>, Error> {
+        let signer = signer(issuer)?;
+        let der = pem::certificates(&subject.cert_pem)?;
+        Ok(template::cross_sign_root(&der[0], &signer, now, &self.rng)?)
+    }
+}
+
+fn signer(root: &RootRecord) -> Result<CaSigner, Error> {
+    let key_pem = root.key_pem.as_ref().ok_or_else(|| Error::Root {
+        id: root.id.clone(),
+        reason: "its key is not in the state store (wrong root backend?)".into(),
+    })?;
+    let key = SecretKey::from_pem(key_pem.expose())?;
+    let cert = pem::certificates(&root.cert_pem)?;
+    CaSigner::new(&cert[0], key).map_err(Into::into)
 }

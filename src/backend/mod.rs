@@ -49,4 +49,12 @@ pub trait RootAuthority {
         spec: &IntermediateSpec,
         spki: &[u8],
     ) -> Result<Vec<u8>, Error>;
+
+    /// Cross-signs `subject` (a newer root) with `issuer` (the root it replaces).
+    fn cross_sign(
+        &self,
+        subject: &RootRecord,
+        issuer: &RootRecord,
+        now: OffsetDateTime,
+    ) -> Result<Vec<u8>, Error>;
 }

@@ -124,6 +124,8 @@ pub enum Command {
     Request(RequestArgs),
     /// Make every cluster hold exactly what it should (cacerts, trust bundles, istio-ca-root-cert).
     Push(PushArgs),
+    /// Rotate intermediates on schedule and the mesh root in phases (see `--plan`).
+    Rotate(RotateArgs),
     /// Benchmark the signing service against the raw crypto cost of this machine.
     Bench(BenchArgs),
     /// Show roots and every cluster's intermediate.
@@ -132,6 +134,31 @@ pub enum Command {
         #[arg(long)]
         at: Option<String>,
     },
+}
+
+/// `cactl rotate` arguments.
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    /// Only these clusters' intermediates (default: every cluster, and the root phases).
+    pub clusters: Vec<String>,
+    /// Show what is due and why, per cluster; change nothing.
+    #[arg(long, conflicts_with_all = ["now", "root"])]
+    pub plan: bool,
+    /// With --plan: evaluate at this time (RFC 3339) instead of now.
+    #[arg(long, requires = "plan")]
+    pub at: Option<String>,
+    /// Emergency: replace the named cluster's intermediate immediately.
+    #[arg(long, conflicts_with = "root")]
+    pub now: bool,
+    /// Start a root rotation (later runs, or `cactl serve`, advance its phases).
+    #[arg(long)]
+    pub root: bool,
+    /// With --root: new intermediates also carry the new root cross-signed by the old one.
+    #[arg(long, requires = "root", conflicts_with = "abort")]
+    pub cross_sign: bool,
+    /// With --root: back out of the root rotation in progress.
+    #[arg(long, requires = "root")]
+    pub abort: bool,
 }
 
 /// `cactl init` arguments.
@@ -374,6 +401,7 @@ fn execute(cli: &Cli) -> Result<()> {
         Command::Request(args) => request(cli, args),
         Command::Bench(args) => bench(cli, args),
         Command::Push(args) => push(cli, args, now),
+        Command::Rotate(args) => rotate(cli, args, now),
     }
 }
 
@@ -702,7 +730,33 @@ fn status(cli: &Cli, now: OffsetDateTime) -> Result<()> {
         ))
     };
     let last = crate::trust::distribute::PushStatus::load(&loaded);
-    output::status(cli.output, &loaded, &state, now, &observed, &last)
+    let obs: std::collections::BTreeMap<String, crate::rotation::execute::Observation> = loaded
+        .config
+        .clusters
+        .iter()
+        .map(|c| {
+            let o = observed
+                .iter()
+                .find(|r| r.cluster == c.name)
+                .map(crate::trust::distribute::observation)
+                .unwrap_or_else(|| crate::rotation::execute::Observation {
+                    reachable: false,
+                    in_sync: false,
+                    detail: Some("no kubeconfig or in_cluster configured".into()),
+                });
+            (c.name.clone(), o)
+        })
+        .collect();
+    let names: Vec<String> = loaded
+        .config
+        .clusters
+        .iter()
+        .map(|c| c.name.clone())
+        .collect();
+    let policy = loaded.config.rotation_policy();
+    let planned = crate::rotation::execute::plan_observed(&policy, &state, &names, &obs, now, true);
+    let rotation = output::rotation_doc(&state, &loaded.config, &policy, now, &planned, &obs);
+    output::status(cli.output, &loaded, &state, now, &observed, &last, rotation)
 }
 
 /// The embedded defaults `cactl serve` runs on when there is no config file: one cluster named
@@ -946,56 +1000,107 @@ fn bench(cli: &Cli, args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-/// Lifetime of the istiod serving certificates cactl distributes (renewed at two thirds).
-const ISTIOD_TLS_LIFETIME: time::Duration = time::Duration::days(30);
-
 /// Issues or renews istiod's serving certificate for external clusters that want one, saving
 /// it in the state before anything is pushed.
 fn ensure_istiod_tls(loaded: &Loaded, store: &dyn StateStore, now: OffsetDateTime) -> Result<()> {
-    let due: Vec<&ClusterConfig> = {
-        let state = load_state(store)?;
-        loaded
-            .config
-            .clusters
-            .iter()
-            .filter(|c| c.mode == config::ClusterMode::External && c.istiod_tls)
-            .filter(|c| {
-                state
-                    .clusters
-                    .get(&c.name)
-                    .and_then(|s| s.istiod_tls.as_ref())
-                    .is_none_or(|r| r.due(now))
-            })
-            .collect()
-    };
-    if due.is_empty() {
+    let state = load_state(store)?;
+    if crate::tls::istiod_tls_due(&state, &loaded.config, now).is_empty() {
         return Ok(());
     }
     mutate(store, |state| {
-        for c in &due {
-            let issuer = ca::ClusterIssuer::load_at(state, &loaded.config, &c.name, now)?;
-            let names = vec![
-                format!("istiod.{}.svc", c.namespace),
-                format!("istiod.{}.svc.cluster.local", c.namespace),
-            ];
-            let s = crate::tls::issue_serving_pem(
-                &issuer,
-                &loaded.config.organization,
-                &names,
-                ISTIOD_TLS_LIFETIME,
-                now,
-            )?;
-            let entry = state.clusters.entry(c.name.clone()).or_default();
-            entry.istiod_tls = Some(crate::state::ServingRecord {
-                cert_pem: s.chain_pem,
-                key_pem: crate::secret::SecretString::new(s.key.to_pkcs8_pem()),
-                not_before: s.not_before,
-                not_after: s.not_after,
-            });
-            tracing::info!(cluster = %c.name, "issued istiod serving certificate");
-        }
+        crate::tls::refresh_istiod_tls(state, &loaded.config, now)?;
         Ok(())
     })
+}
+
+fn rotate(cli: &Cli, args: &RotateArgs, now: OffsetDateTime) -> Result<()> {
+    use crate::rotation::execute::{self, Context, Request};
+    let loaded = load_config(cli)?;
+    for c in &args.clusters {
+        if loaded.config.cluster(c).is_none() {
+            return Err(ca::Error::UnknownCluster(c.clone()).into());
+        }
+    }
+    let request = match (args.now, args.root, args.abort) {
+        (true, _, _) => match args.clusters.as_slice() {
+            [one] => Request::Emergency(one.clone()),
+            _ => bail!(
+                "--now replaces exactly one cluster's intermediate: name it (cactl rotate CLUSTER --now)"
+            ),
+        },
+        (false, true, _) if !args.clusters.is_empty() => {
+            bail!("--root rotates the root of the whole mesh; do not name clusters")
+        }
+        (false, true, true) => Request::AbortRoot,
+        (false, true, false) => Request::StartRoot {
+            cross_sign: args.cross_sign,
+        },
+        (false, false, _) => Request::Due,
+    };
+    let store = store_for(&loaded);
+    let backend = backend_for(&loaded);
+    let ctx = Context {
+        config: &loaded.config,
+        backend: backend.as_ref(),
+        policy: loaded.config.rotation_policy(),
+    };
+    let fleet = crate::trust::distribute::KubeFleet::new(&loaded);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    if args.plan {
+        let at = parse_at(args.at.as_deref(), now)?;
+        let state = load_state(store.as_ref())?;
+        let (planned, obs) = runtime.block_on(execute::plan_only(&ctx, &state, &fleet, at));
+        output::rotate_plan(
+            cli.output,
+            &state,
+            &loaded.config,
+            &ctx.policy,
+            at,
+            &planned,
+            &obs,
+        );
+        return Ok(());
+    }
+    let output = cli.output;
+    let report = runtime.block_on(execute::run(
+        &ctx,
+        store.as_ref(),
+        &fleet,
+        now,
+        &args.clusters,
+        &request,
+        &|step| output::rotate_step(output, step),
+    ));
+    let pushes = fleet.push_reports();
+    if !pushes.is_empty() {
+        crate::trust::distribute::PushStatus::record(&loaded, &pushes, OffsetDateTime::now_utc())
+            .context("cannot record the push status")?;
+    }
+    let report = report?;
+    output::rotate_done(cli.output, &report);
+    let failing: Vec<String> = report
+        .clusters
+        .iter()
+        .filter(|(n, o)| {
+            !o.in_sync
+                && loaded
+                    .config
+                    .cluster(n)
+                    .is_some_and(ClusterConfig::has_api_access)
+        })
+        .map(|(n, o)| format!("{n} ({})", o.detail.as_deref().unwrap_or("not in sync")))
+        .collect();
+    if !failing.is_empty() {
+        bail!(
+            "{} cluster(s) do not hold what the state says (the state is saved; re-run `cactl rotate` when they are reachable): {}",
+            failing.len(),
+            failing.join("; ")
+        );
+    }
+    Ok(())
 }
 
 fn push(cli: &Cli, args: &PushArgs, now: OffsetDateTime) -> Result<()> {

@@ -158,6 +158,7 @@ pub(super) fn status(
     now: OffsetDateTime,
     observed: &[crate::trust::push::ClusterReport],
     last: &crate::trust::distribute::PushStatus,
+    rotation: Value,
 ) -> Result<()> {
     use crate::trust::desired::Sync as S;
     let mut roots = Vec::new();
@@ -217,6 +218,7 @@ pub(super) fn status(
         "evaluated_at": ts(now),
         "roots": roots,
         "clusters": clusters,
+        "rotation": rotation,
     });
     match format {
         OutputFormat::Json => outln!("{doc}"),
@@ -288,6 +290,8 @@ pub(super) fn status(
                     );
                 }
             }
+            outln!("rotation:");
+            rotation_text(&doc["rotation"]);
         }
     }
     Ok(())
@@ -407,5 +411,251 @@ pub(super) fn push_progress(format: OutputFormat, r: &crate::trust::push::Cluste
 pub(super) fn push_done(format: OutputFormat, reports: &[crate::trust::push::ClusterReport]) {
     if format == OutputFormat::Json {
         outln!("{}", json!({"clusters": reports}));
+    }
+}
+
+/// The rotation view of every cluster: slots, thresholds, what is due and why.
+pub(super) fn rotation_doc(
+    state: &State,
+    config: &crate::config::Config,
+    policy: &crate::rotation::Policy,
+    at: OffsetDateTime,
+    planned: &[crate::rotation::Planned],
+    obs: &std::collections::BTreeMap<String, crate::rotation::execute::Observation>,
+) -> Value {
+    use crate::rotation::{Action, thresholds};
+    let names: Vec<String> = config.clusters.iter().map(|c| c.name.clone()).collect();
+    let slots = crate::rotation::execute::slots(state, &names);
+    let mut clusters = Vec::new();
+    for (name, sl) in &slots {
+        let due: Vec<Value> = planned
+            .iter()
+            .filter(|p| match &p.action {
+                Action::Prepare { cluster, .. } | Action::Activate { cluster } => cluster == name,
+                _ => false,
+            })
+            .map(|p| json!({"action": p.action, "reason": p.reason}))
+            .collect();
+        let slot = |s: &crate::rotation::Slot| json!({"serial": s.serial, "root": s.root_id, "not_after": ts(s.not_after)});
+        let (prepare_at, activate_at) = sl
+            .active
+            .as_ref()
+            .map(|a| thresholds(a, name, policy))
+            .map_or((None, None), |(p, a)| (Some(ts(p)), Some(ts(a))));
+        let unreachable_since = state
+            .clusters
+            .get(name)
+            .and_then(|c| c.unreachable_since)
+            .map(ts);
+        clusters.push(json!({
+            "name": name,
+            "active": sl.active.as_ref().map(slot),
+            "prepared": sl.prepared.as_ref().map(slot),
+            "prepare_at": prepare_at,
+            "activate_at": activate_at,
+            "observed": obs.get(name),
+            "unreachable_since": unreachable_since,
+            "due": due,
+        }));
+    }
+    let rr = &state.root_rotation;
+    let root_due: Vec<Value> = planned
+        .iter()
+        .filter(|p| {
+            matches!(
+                p.action,
+                Action::AdvanceRoot { .. } | Action::Blocked { .. }
+            )
+        })
+        .map(|p| json!({"action": p.action, "reason": p.reason}))
+        .collect();
+    json!({
+        "evaluated_at": ts(at),
+        "root_rotation": {
+            "phase": rr.phase.name(),
+            "old": rr.phase.roots().map(|r| r.0.to_owned()),
+            "new": rr.phase.roots().map(|r| r.1.to_owned()),
+            "since": rr.phase.roots().map(|r| ts(r.2)),
+            "cross_sign": rr.cross_sign,
+            "aborted": rr.aborted,
+            "soak": humantime::format_duration(std::time::Duration::from_secs(policy.soak.whole_seconds().max(0) as u64)).to_string(),
+            "due": root_due,
+        },
+        "clusters": clusters,
+    })
+}
+
+fn rotation_text(doc: &Value) {
+    let rr = &doc["root_rotation"];
+    match rr["phase"].as_str() {
+        Some("stable") | None => outln!("root rotation: none in progress"),
+        Some(p) => outln!(
+            "root rotation: phase {p} since {} ({} -> {}{}{})",
+            rr["since"].as_str().unwrap_or("?"),
+            rr["old"].as_str().unwrap_or("?"),
+            rr["new"].as_str().unwrap_or("?"),
+            if rr["cross_sign"] == true {
+                ", cross-signed"
+            } else {
+                ""
+            },
+            if rr["aborted"] == true {
+                ", ABORTED: moving back"
+            } else {
+                ""
+            },
+        ),
+    }
+    for d in rr["due"].as_array().into_iter().flatten() {
+        match d["action"]["action"].as_str() {
+            Some("blocked") => outln!(
+                "  HELD: {} ({})",
+                d["action"]["reason"].as_str().unwrap_or("?"),
+                d["reason"].as_str().unwrap_or("?")
+            ),
+            _ => outln!(
+                "  due: advance to {} ({})",
+                d["action"]["to"].as_str().unwrap_or("?"),
+                d["reason"].as_str().unwrap_or("?")
+            ),
+        }
+    }
+    for c in doc["clusters"].as_array().into_iter().flatten() {
+        let name = c["name"].as_str().unwrap_or("?");
+        match c["active"].as_object() {
+            Some(a) => outln!(
+                "  {name:<16} active {} (root {}, not after {}); prepare at {}, activate at {}",
+                a["serial"].as_str().unwrap_or("?"),
+                a["root"].as_str().unwrap_or("?"),
+                a["not_after"].as_str().unwrap_or("?"),
+                c["prepare_at"].as_str().unwrap_or("?"),
+                c["activate_at"].as_str().unwrap_or("?"),
+            ),
+            None => outln!("  {name:<16} no active intermediate"),
+        }
+        if let Some(p) = c["prepared"].as_object() {
+            outln!(
+                "  {:<16} prepared {} (root {})",
+                "",
+                p["serial"].as_str().unwrap_or("?"),
+                p["root"].as_str().unwrap_or("?")
+            );
+        }
+        if let Some(t) = c["unreachable_since"].as_str() {
+            outln!("  {:<16} UNREACHABLE since {t}", "");
+        } else if let Some(o) = c["observed"].as_object()
+            && o["in_sync"] != true
+        {
+            outln!(
+                "  {:<16} not in sync: {}",
+                "",
+                o["detail"].as_str().unwrap_or("?")
+            );
+        }
+        let due = c["due"].as_array().map(Vec::len).unwrap_or(0);
+        if due == 0 {
+            outln!("  {:<16} nothing due", "");
+        }
+        for d in c["due"].as_array().into_iter().flatten() {
+            outln!(
+                "  {:<16} due: {} ({})",
+                "",
+                d["action"]["action"].as_str().unwrap_or("?"),
+                d["reason"].as_str().unwrap_or("?")
+            );
+        }
+    }
+}
+
+pub(super) fn rotate_plan(
+    format: OutputFormat,
+    state: &State,
+    config: &crate::config::Config,
+    policy: &crate::rotation::Policy,
+    at: OffsetDateTime,
+    planned: &[crate::rotation::Planned],
+    obs: &std::collections::BTreeMap<String, crate::rotation::execute::Observation>,
+) {
+    let doc = rotation_doc(state, config, policy, at, planned, obs);
+    match format {
+        OutputFormat::Json => outln!("{doc}"),
+        OutputFormat::Text => {
+            outln!("rotation plan at {} (nothing is changed)", ts(at));
+            rotation_text(&doc);
+        }
+    }
+}
+
+pub(super) fn rotate_step(format: OutputFormat, step: &crate::rotation::execute::Step) {
+    use crate::rotation::execute::Step;
+    if format == OutputFormat::Json {
+        // The final report lists every step.
+        return;
+    }
+    let line = match step {
+        Step::Prepared {
+            cluster,
+            serial,
+            root,
+            reason,
+        } => format!("{cluster}: prepared intermediate {serial} under {root} ({reason})"),
+        Step::Activated {
+            cluster,
+            serial,
+            reason,
+        } => format!("{cluster}: activated intermediate {serial} ({reason})"),
+        Step::Replaced {
+            cluster,
+            serial,
+            replaced,
+        } => format!(
+            "{cluster}: EMERGENCY replacement: intermediate {serial} replaces {}",
+            replaced.as_deref().unwrap_or("nothing")
+        ),
+        Step::RootStarted {
+            old,
+            new,
+            cross_sign,
+        } => format!(
+            "root rotation started: {old} -> {new}{}; phase publish",
+            if *cross_sign { " (cross-signed)" } else { "" }
+        ),
+        Step::PhaseEntered { phase } => format!("root rotation: entered phase {phase}"),
+        Step::Aborted { phase } => {
+            format!("root rotation aborted: now in phase {phase}, moving back")
+        }
+        Step::Pushed {
+            cluster,
+            in_sync,
+            detail,
+        } => match (in_sync, detail) {
+            (true, _) => format!("{cluster}: pushed and read back in sync"),
+            (false, d) => format!(
+                "{cluster}: pushed, NOT in sync: {}",
+                d.as_deref().unwrap_or("?")
+            ),
+        },
+    };
+    eprintln!("{line}");
+}
+
+pub(super) fn rotate_done(format: OutputFormat, report: &crate::rotation::execute::Report) {
+    match format {
+        OutputFormat::Json => outln!("{}", json!(report)),
+        OutputFormat::Text => {
+            let changes = report
+                .steps
+                .iter()
+                .filter(|s| !matches!(s, crate::rotation::execute::Step::Pushed { .. }))
+                .count();
+            outln!(
+                "rotation: {changes} change(s), root phase {}, state revision {}",
+                report.phase.name(),
+                report.revision
+            );
+            for h in &report.held {
+                outln!("  HELD: {h}");
+            }
+        }
     }
 }

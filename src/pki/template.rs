@@ -223,6 +223,59 @@ pub fn sign_intermediate(
     Ok(params.signed_by(&spki, &signer.issuer)?.der().to_vec())
 }
 
+/// Cross-signs a root: a certificate with `subject_root`'s name and key, issued by `signer`
+/// (the root it replaces), valid from `now` until the earlier of the two roots' NotAfter. A
+/// chain `leaf → intermediate → cross-signed root` then verifies under the old root too.
+pub fn cross_sign_root(
+    subject_root: &[u8],
+    signer: &CaSigner,
+    now: OffsetDateTime,
+    rng: &dyn SecureRandom,
+) -> Result<Vec<u8>, Error> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let info = super::cert::CertInfo::from_der(subject_root)?;
+    let (_, cert) =
+        X509Certificate::from_der(subject_root).map_err(|e| Error::Certificate(e.to_string()))?;
+    let text = |it: &mut dyn Iterator<Item = &x509_parser::x509::AttributeTypeAndValue<'_>>| {
+        it.next()
+            .and_then(|a| a.as_str().ok())
+            .map(str::to_owned)
+            .ok_or_else(|| Error::Certificate("root subject lacks O or CN".into()))
+    };
+    let mut dn = DistinguishedName::new();
+    dn.push(
+        DnType::OrganizationName,
+        text(&mut cert.subject().iter_organization())?,
+    );
+    dn.push(
+        DnType::CommonName,
+        text(&mut cert.subject().iter_common_name())?,
+    );
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    params.not_before = strip_nanos(now - CA_BACKDATE);
+    params.not_after = strip_nanos(info.not_after.min(signer.not_after));
+    if params.not_after <= now {
+        return Err(Error::Chain("a root to cross-sign has expired".into()));
+    }
+    params.serial_number = Some(random_serial(rng)?);
+    params.use_authority_key_identifier_extension = true;
+    let spki = SubjectPublicKeyInfo::from_der(&info.spki)?;
+    let der = params.signed_by(&spki, &signer.issuer)?.der().to_vec();
+    // Chains name their issuer by these bytes: the cross-signed copy must carry the same
+    // subject and key identifier as the root.
+    let made = super::cert::CertInfo::from_der(&der)?;
+    if made.subject_raw != info.subject_raw || made.ski != info.ski {
+        return Err(Error::Certificate(
+            "cannot reproduce the root's subject for cross-signing (the root was not made by cactl)"
+                .into(),
+        ));
+    }
+    Ok(der)
+}
+
 /// Parameters of a workload leaf.
 pub fn leaf_params(
     spec: &LeafSpec,

@@ -15,9 +15,11 @@
 //! The planner is level-triggered: it looks only at state and observations, so running it
 //! twice, or after a crash between two steps, plans the same remaining work.
 
+pub mod execute;
+
 use std::collections::BTreeMap;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
 /// Rotation thresholds and waits.
@@ -67,10 +69,11 @@ pub struct Slots {
 }
 
 /// The phase of a root rotation.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "kebab-case")]
 pub enum RootPhase {
     /// No rotation in progress.
+    #[default]
     Stable,
     /// Bundles must become {old, new}.
     Publish {
@@ -79,6 +82,7 @@ pub enum RootPhase {
         /// The new root.
         new: String,
         /// When the phase began.
+        #[serde(with = "time::serde::rfc3339")]
         since: OffsetDateTime,
     },
     /// Every cluster must get an intermediate under `new`.
@@ -88,6 +92,7 @@ pub enum RootPhase {
         /// The new root.
         new: String,
         /// When the phase began.
+        #[serde(with = "time::serde::rfc3339")]
         since: OffsetDateTime,
     },
     /// Bundles must become {new}.
@@ -97,6 +102,7 @@ pub enum RootPhase {
         /// The new root.
         new: String,
         /// When the phase began.
+        #[serde(with = "time::serde::rfc3339")]
         since: OffsetDateTime,
     },
 }
@@ -110,6 +116,8 @@ pub struct Observed {
     pub bundle_roots: Vec<String>,
     /// Root of the intermediate it is using.
     pub active_root: Option<String>,
+    /// Since when it has been unreachable, when it is.
+    pub unreachable_since: Option<OffsetDateTime>,
 }
 
 /// One action the executor should take.
@@ -147,6 +155,117 @@ pub struct Planned {
     pub action: Action,
     /// Why now.
     pub reason: String,
+}
+
+impl RootPhase {
+    /// The phase's name: `stable`, `publish`, `switch` or `retire`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Stable => "stable",
+            Self::Publish { .. } => "publish",
+            Self::Switch { .. } => "switch",
+            Self::Retire { .. } => "retire",
+        }
+    }
+
+    /// (old, new, since) of a rotation in progress.
+    pub fn roots(&self) -> Option<(&str, &str, OffsetDateTime)> {
+        match self {
+            Self::Stable => None,
+            Self::Publish { old, new, since }
+            | Self::Switch { old, new, since }
+            | Self::Retire { old, new, since } => Some((old, new, *since)),
+        }
+    }
+
+    /// The phase after this one, entered at `now`.
+    pub fn next(&self, now: OffsetDateTime) -> Self {
+        match self.clone() {
+            Self::Stable => Self::Stable,
+            Self::Publish { old, new, .. } => Self::Switch {
+                old,
+                new,
+                since: now,
+            },
+            Self::Switch { old, new, .. } => Self::Retire {
+                old,
+                new,
+                since: now,
+            },
+            Self::Retire { .. } => Self::Stable,
+        }
+    }
+}
+
+/// Why a root rotation cannot be aborted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AbortError {
+    /// Nothing to abort.
+    #[error("no root rotation is in progress")]
+    NotRotating,
+    /// The bundles are already losing the old root.
+    #[error(
+        "the root rotation has reached its final phase (retire: bundles are dropping {0}); let it finish, then start a new rotation"
+    )]
+    Final(String),
+    /// Already moving back.
+    #[error("the root rotation is already being aborted")]
+    AlreadyAborted,
+}
+
+/// The phase an abort moves to, at `now`. Aborting *publish* retires the new root at once
+/// (nothing chains to it yet); aborting *switch* runs the switch backwards (every cluster gets
+/// an intermediate under the old root again) and then retires the new root. Bundles keep both
+/// roots until every cluster is observed back on the old one, so an abort is as safe as the
+/// rotation itself.
+pub fn abort(
+    phase: &RootPhase,
+    aborted: bool,
+    now: OffsetDateTime,
+) -> Result<RootPhase, AbortError> {
+    if aborted {
+        return Err(AbortError::AlreadyAborted);
+    }
+    match phase.clone() {
+        RootPhase::Stable => Err(AbortError::NotRotating),
+        RootPhase::Publish { old, new, .. } => Ok(RootPhase::Retire {
+            old: new,
+            new: old,
+            since: now,
+        }),
+        RootPhase::Switch { old, new, .. } => Ok(RootPhase::Switch {
+            old: new,
+            new: old,
+            since: now,
+        }),
+        RootPhase::Retire { old, .. } => Err(AbortError::Final(old)),
+    }
+}
+
+/// An emergency replacement of `cluster`'s intermediate (a suspected key compromise): a new
+/// intermediate under the root new intermediates are due under, activated at once, whatever
+/// the thresholds say. A prepared successor is replaced too, since its key sat beside the
+/// compromised one.
+pub fn emergency(cluster: &str, root: &RootPhase, signing_root: &str) -> Vec<Planned> {
+    let target = match root {
+        RootPhase::Switch { new, .. } | RootPhase::Retire { new, .. } => new.as_str(),
+        RootPhase::Stable | RootPhase::Publish { .. } => signing_root,
+    };
+    vec![
+        Planned {
+            action: Action::Prepare {
+                cluster: cluster.to_owned(),
+                root: target.to_owned(),
+            },
+            reason: "emergency replacement requested (--now)".into(),
+        },
+        Planned {
+            action: Action::Activate {
+                cluster: cluster.to_owned(),
+            },
+            reason: "emergency replacement requested (--now)".into(),
+        },
+    ]
 }
 
 /// The thresholds of a slot for a cluster: (prepare at, activate at).
@@ -306,7 +425,15 @@ fn root_gate(
     for name in clusters.keys() {
         match observed.get(name) {
             Some(o) if o.reachable && check(o) => {}
-            Some(o) if !o.reachable => lagging.push(format!("{name} (unreachable)")),
+            Some(o) if !o.reachable => lagging.push(match o.unreachable_since {
+                Some(t) if now > t => format!(
+                    "{name} (unreachable for {})",
+                    humantime::format_duration(std::time::Duration::from_secs(
+                        (now - t).whole_seconds().max(0) as u64
+                    ))
+                ),
+                _ => format!("{name} (unreachable)"),
+            }),
             Some(_) => lagging.push(format!("{name} (not yet observed holding it)")),
             None => lagging.push(format!("{name} (not observed)")),
         }
@@ -500,6 +627,7 @@ mod tests {
             reachable,
             bundle_roots: roots.iter().map(|s| (*s).to_owned()).collect(),
             active_root: Some(active.into()),
+            unreachable_since: None,
         }
     }
 
@@ -649,5 +777,111 @@ mod tests {
         let b = plan(at, &two(), &RootPhase::Stable, "r1", &BTreeMap::new(), &p);
         assert_eq!(a, b);
         assert_eq!(a.len(), 2);
+    }
+
+    #[test]
+    fn abort_runs_the_rotation_backwards_and_refuses_the_final_phase() {
+        let now = T0 + Duration::days(1);
+        let publish = RootPhase::Publish {
+            old: "r1".into(),
+            new: "r2".into(),
+            since: T0,
+        };
+        // Publish: nothing chains to r2 yet, so it is retired at once.
+        assert_eq!(
+            abort(&publish, false, now),
+            Ok(RootPhase::Retire {
+                old: "r2".into(),
+                new: "r1".into(),
+                since: now
+            })
+        );
+        // Switch: the switch runs backwards to r1, with its own gate and soak.
+        let switch = publish.next(T0);
+        let back = abort(&switch, false, now).unwrap();
+        assert_eq!(
+            back,
+            RootPhase::Switch {
+                old: "r2".into(),
+                new: "r1".into(),
+                since: now
+            }
+        );
+        let mut c = two();
+        for s in c.values_mut() {
+            s.active = Some(slot("r2", 365));
+        }
+        let acts = actions(&plan(now, &c, &back, "r2", &BTreeMap::new(), &no_jitter()));
+        assert!(acts.contains(&Action::Prepare {
+            cluster: "east".into(),
+            root: "r1".into()
+        }));
+        assert_eq!(abort(&back, true, now), Err(AbortError::AlreadyAborted));
+        assert!(matches!(
+            abort(&switch.next(now), false, now),
+            Err(AbortError::Final(ref r)) if r == "r1"
+        ));
+        assert_eq!(
+            abort(&RootPhase::Stable, false, now),
+            Err(AbortError::NotRotating)
+        );
+    }
+
+    #[test]
+    fn emergency_replaces_now_under_the_due_root() {
+        let stable = emergency("east", &RootPhase::Stable, "r1");
+        assert_eq!(
+            actions(&stable),
+            vec![
+                Action::Prepare {
+                    cluster: "east".into(),
+                    root: "r1".into()
+                },
+                Action::Activate {
+                    cluster: "east".into()
+                }
+            ]
+        );
+        let switch = RootPhase::Switch {
+            old: "r1".into(),
+            new: "r2".into(),
+            since: T0,
+        };
+        assert_eq!(
+            actions(&emergency("east", &switch, "r1"))[0],
+            Action::Prepare {
+                cluster: "east".into(),
+                root: "r2".into()
+            }
+        );
+    }
+
+    #[test]
+    fn an_unreachable_cluster_is_named_with_how_long() {
+        let phase = RootPhase::Publish {
+            old: "r1".into(),
+            new: "r2".into(),
+            since: T0,
+        };
+        let mut west = obs(false, &[], "r1");
+        west.unreachable_since = Some(T0);
+        let o = BTreeMap::from([
+            ("east".to_owned(), obs(true, &["r1", "r2"], "r1")),
+            ("west".to_owned(), west),
+        ]);
+        let p = plan(
+            T0 + Duration::hours(3),
+            &two(),
+            &phase,
+            "r1",
+            &o,
+            &no_jitter(),
+        );
+        match &p[0].action {
+            Action::Blocked { reason } => {
+                assert!(reason.contains("west (unreachable for 3h)"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

@@ -1,5 +1,6 @@
-//! Durable state: the roots, every cluster's current and previous intermediates, and the
-//! schema version, behind a [`StateStore`] with compare-and-swap semantics.
+//! Durable state: the roots, every cluster's intermediates (active, prepared, history), the
+//! root-rotation journal and the schema version, behind a [`StateStore`] with compare-and-swap
+//! semantics.
 
 pub mod file;
 
@@ -8,10 +9,12 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+pub use crate::rotation::RootPhase;
 use crate::secret::SecretString;
 
-/// The schema this build writes and the newest it can read.
-pub const SCHEMA_VERSION: u32 = 1;
+/// The schema this build writes and the newest it can read. Schema 1 (no rotation journal) is
+/// read as schema 2 with no rotation in progress and empty prepared slots.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Errors of state stores.
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +81,23 @@ pub struct State {
     pub roots: Vec<RootRecord>,
     /// Per-cluster CA state.
     pub clusters: BTreeMap<String, ClusterState>,
+    /// The root-rotation journal.
+    #[serde(default)]
+    pub root_rotation: RootRotation,
+}
+
+/// The root-rotation journal: the phase the mesh is in and how it got there.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RootRotation {
+    /// The phase.
+    #[serde(flatten)]
+    pub phase: RootPhase,
+    /// New intermediates carry the new root cross-signed by the old one.
+    #[serde(default)]
+    pub cross_sign: bool,
+    /// The rotation was aborted and is moving back to the old root.
+    #[serde(default)]
+    pub aborted: bool,
 }
 
 /// The lifecycle of a root.
@@ -117,6 +137,17 @@ pub struct RootRecord {
     /// When cactl recorded it.
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// When it left the trust bundle.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub retired_at: Option<OffsetDateTime>,
+    /// This root's certificate cross-signed by the root it replaced (PEM), made when a
+    /// rotation with cross-signing switched to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cross_signed_pem: Option<String>,
 }
 
 /// One issued intermediate CA with its key.
@@ -136,14 +167,41 @@ pub struct IntermediateRecord {
     /// Its NotAfter.
     #[serde(with = "time::serde::rfc3339")]
     pub not_after: OffsetDateTime,
+    /// Its NotBefore.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub not_before: Option<OffsetDateTime>,
+    /// Certificates between it and its root (PEM; a cross-signed root), nearest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chain_extra_pem: Option<String>,
+    /// Set when it was replaced early by `cactl rotate CLUSTER --now`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub replaced_early_at: Option<OffsetDateTime>,
 }
 
 /// A cluster's CA state.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ClusterState {
-    /// The intermediate in use.
+    /// The intermediate in use (the active slot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current: Option<IntermediateRecord>,
+    /// The successor, issued and waiting for activation (the prepared slot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<IntermediateRecord>,
+    /// Since when the cluster could not be read (rotation holds while it cannot).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub unreachable_since: Option<OffsetDateTime>,
     /// Earlier intermediates, newest last.
     #[serde(default)]
     pub history: Vec<IntermediateRecord>,
@@ -183,6 +241,7 @@ impl State {
             sequence: 0,
             roots: Vec::new(),
             clusters: BTreeMap::new(),
+            root_rotation: RootRotation::default(),
         }
     }
 
@@ -210,10 +269,13 @@ impl State {
                 found: header.schema,
             });
         }
-        serde_json::from_slice(bytes).map_err(|e| Error::Corrupt {
+        let mut state: Self = serde_json::from_slice(bytes).map_err(|e| Error::Corrupt {
             location: location.to_owned(),
             reason: e.to_string(),
-        })
+        })?;
+        // Older schemas are upgraded in memory; the next save writes the current one.
+        state.schema = SCHEMA_VERSION;
+        Ok(state)
     }
 
     /// Active roots, oldest first: the trust bundle.
@@ -221,9 +283,14 @@ impl State {
         self.roots.iter().filter(|r| r.status == RootStatus::Active)
     }
 
-    /// The root new intermediates are signed by: the newest active one.
+    /// The root new intermediates are signed by: during a root rotation, the old root until
+    /// the switch and the new one from then on; otherwise the newest active root.
     pub fn signing_root(&self) -> Option<&RootRecord> {
-        self.active_roots().last()
+        match &self.root_rotation.phase {
+            RootPhase::Publish { old, .. } => self.root(old),
+            RootPhase::Switch { new, .. } | RootPhase::Retire { new, .. } => self.root(new),
+            RootPhase::Stable => self.active_roots().last(),
+        }
     }
 
     /// Looks a root up by id.

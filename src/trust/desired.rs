@@ -332,7 +332,8 @@ pub fn compare(want: &Desired, have: Option<&Observed>) -> Sync {
 }
 
 /// Whether istiod has picked up the bundle: its `istio-ca-root-cert` in the Istio namespace
-/// holds every root of the desired bundle (plugin mode).
+/// holds exactly the roots of the desired bundle (plugin mode): every one of them, and no root
+/// that has been retired.
 pub fn istiod_has_bundle(bundle_pem: &str, observed_root_cert: Option<&str>) -> bool {
     let Ok(want) = crate::pki::pem::certificates(bundle_pem) else {
         return false;
@@ -340,7 +341,7 @@ pub fn istiod_has_bundle(bundle_pem: &str, observed_root_cert: Option<&str>) -> 
     let Some(have) = observed_root_cert.and_then(|t| crate::pki::pem::certificates(t).ok()) else {
         return false;
     };
-    want.iter().all(|w| have.contains(w))
+    want.iter().all(|w| have.contains(w)) && have.iter().all(|h| want.contains(h))
 }
 
 #[cfg(test)]

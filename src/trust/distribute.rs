@@ -12,6 +12,7 @@ use time::OffsetDateTime;
 use super::desired::{self, Inputs};
 use super::push::{self, ClusterReport, Options, Target};
 use crate::config::{ClusterConfig, ClusterMode, Loaded};
+use crate::rotation::execute::{Fleet, Observation};
 use crate::state::State;
 
 /// The record of the last push per cluster, kept beside the state (`push-status.json`).
@@ -214,6 +215,100 @@ pub async fn all(
         .await;
     out.sort_by(|a, b| a.cluster.cmp(&b.cluster));
     out
+}
+
+/// The member clusters as the rotation executor sees them: observation is a dry-run push (every
+/// object read back and compared with what the state says, plus istiod's pickup of the bundle
+/// in plugin mode); a push writes and then observes again.
+pub struct KubeFleet<'a> {
+    loaded: &'a Loaded,
+    reports: std::sync::Mutex<Vec<ClusterReport>>,
+}
+
+impl<'a> KubeFleet<'a> {
+    /// Clusters from `loaded`'s configuration.
+    pub fn new(loaded: &'a Loaded) -> Self {
+        Self {
+            loaded,
+            reports: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The reports of the pushes made so far (for `push-status.json`).
+    pub fn push_reports(&self) -> Vec<ClusterReport> {
+        self.reports.lock().map(|r| r.clone()).unwrap_or_default()
+    }
+
+    async fn read_back(&self, state: &State, c: &ClusterConfig) -> Observation {
+        let opts = Options {
+            dry_run: true,
+            adopt: false,
+            attempts: Some(1),
+        };
+        observation(&one(self.loaded, state, c, opts).await)
+    }
+}
+
+/// What a dry-run report says about a cluster.
+pub fn observation(r: &ClusterReport) -> Observation {
+    let drifted: Vec<&str> = r
+        .objects
+        .iter()
+        .filter(|o| !matches!(o.action, push::Action::Unchanged))
+        .map(|o| o.object.as_str())
+        .collect();
+    let detail = if let Some(e) = &r.error {
+        Some(e.clone())
+    } else if !drifted.is_empty() {
+        Some(format!("does not hold: {}", drifted.join(", ")))
+    } else if r.istiod_has_bundle == Some(false) {
+        Some("istiod has not yet published the bundle in istio-ca-root-cert".into())
+    } else {
+        None
+    };
+    Observation {
+        reachable: r.reachable,
+        in_sync: r.reachable && detail.is_none(),
+        detail,
+    }
+}
+
+impl Fleet for KubeFleet<'_> {
+    async fn observe(&self, state: &State, cluster: &str) -> Observation {
+        match self.loaded.config.cluster(cluster) {
+            Some(c) if c.has_api_access() => self.read_back(state, c).await,
+            Some(_) => Observation {
+                reachable: false,
+                in_sync: false,
+                detail: Some(
+                    "no kubeconfig or in_cluster configured: cactl cannot read this cluster back"
+                        .into(),
+                ),
+            },
+            None => Observation {
+                reachable: false,
+                in_sync: false,
+                detail: Some("not in the configuration".into()),
+            },
+        }
+    }
+
+    async fn push(&self, state: &State, cluster: &str) -> Observation {
+        let Some(c) = self.loaded.config.cluster(cluster) else {
+            return self.observe(state, cluster).await;
+        };
+        let r = one(self.loaded, state, c, Options::default()).await;
+        let failed = !r.ok();
+        let o = if failed {
+            observation(&r)
+        } else {
+            self.read_back(state, c).await
+        };
+        if let Ok(mut reports) = self.reports.lock() {
+            reports.push(r);
+        }
+        o
+    }
 }
 
 /// Keeps one cluster in sync from inside `cactl serve`: reconciles at start, on every change
