@@ -464,7 +464,7 @@ pub(super) fn rotation_doc(
         .filter(|p| {
             matches!(
                 p.action,
-                Action::AdvanceRoot { .. } | Action::Blocked { .. }
+                Action::AdvanceRoot { .. } | Action::Settle | Action::Blocked { .. }
             )
         })
         .map(|p| json!({"action": p.action, "reason": p.reason}))
@@ -508,6 +508,10 @@ fn rotation_text(doc: &Value) {
     }
     for d in rr["due"].as_array().into_iter().flatten() {
         match d["action"]["action"].as_str() {
+            Some("settle") => outln!(
+                "  due: start the soak ({})",
+                d["reason"].as_str().unwrap_or("?")
+            ),
             Some("blocked") => outln!(
                 "  HELD: {} ({})",
                 d["action"]["reason"].as_str().unwrap_or("?"),
@@ -621,6 +625,9 @@ pub(super) fn rotate_step(format: OutputFormat, step: &crate::rotation::execute:
             if *cross_sign { " (cross-signed)" } else { "" }
         ),
         Step::PhaseEntered { phase } => format!("root rotation: entered phase {phase}"),
+        Step::Settled { phase } => {
+            format!("root rotation: every cluster holds phase {phase}'s material; soak started")
+        }
         Step::Aborted { phase } => {
             format!("root rotation aborted: now in phase {phase}, moving back")
         }

@@ -126,6 +126,11 @@ pub enum Step {
         /// The phase.
         phase: String,
     },
+    /// Every cluster holds the phase's material; its soak started.
+    Settled {
+        /// The phase.
+        phase: String,
+    },
     /// The root rotation was aborted.
     Aborted {
         /// The phase the abort moved to.
@@ -278,7 +283,7 @@ pub fn plan_observed(
         planned.retain(|p| {
             !matches!(
                 p.action,
-                Action::AdvanceRoot { .. } | Action::Blocked { .. }
+                Action::AdvanceRoot { .. } | Action::Settle | Action::Blocked { .. }
             )
         });
     }
@@ -485,6 +490,7 @@ fn apply_request(
                     old: old.clone(),
                     new: id.clone(),
                     since: now,
+                    settled: None,
                 },
                 cross_sign: *cross_sign,
                 aborted: false,
@@ -580,6 +586,12 @@ fn apply(
             }
             Ok(Some(Step::PhaseEntered {
                 phase: next.name().to_owned(),
+            }))
+        }
+        Action::Settle => {
+            state.root_rotation.phase = state.root_rotation.phase.settle(now);
+            Ok(Some(Step::Settled {
+                phase: state.root_rotation.phase.name().to_owned(),
             }))
         }
         Action::Blocked { .. } => Ok(None),

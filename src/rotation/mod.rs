@@ -84,6 +84,14 @@ pub enum RootPhase {
         /// When the phase began.
         #[serde(with = "time::serde::rfc3339")]
         since: OffsetDateTime,
+        /// When every cluster was first observed holding the phase's material: the soak
+        /// counts from here, not from `since`, so a cluster that lagged gets the full soak.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "time::serde::rfc3339::option"
+        )]
+        settled: Option<OffsetDateTime>,
     },
     /// Every cluster must get an intermediate under `new`.
     Switch {
@@ -94,6 +102,14 @@ pub enum RootPhase {
         /// When the phase began.
         #[serde(with = "time::serde::rfc3339")]
         since: OffsetDateTime,
+        /// When every cluster was first observed holding the phase's material: the soak
+        /// counts from here, not from `since`, so a cluster that lagged gets the full soak.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "time::serde::rfc3339::option"
+        )]
+        settled: Option<OffsetDateTime>,
     },
     /// Bundles must become {new}.
     Retire {
@@ -104,6 +120,14 @@ pub enum RootPhase {
         /// When the phase began.
         #[serde(with = "time::serde::rfc3339")]
         since: OffsetDateTime,
+        /// When every cluster was first observed holding the phase's material: the soak
+        /// counts from here, not from `since`, so a cluster that lagged gets the full soak.
+        #[serde(
+            default,
+            skip_serializing_if = "Option::is_none",
+            with = "time::serde::rfc3339::option"
+        )]
+        settled: Option<OffsetDateTime>,
     },
 }
 
@@ -136,6 +160,8 @@ pub enum Action {
         /// Cluster.
         cluster: String,
     },
+    /// Record that every cluster now holds the phase's material: the soak starts.
+    Settle,
     /// Advance the root rotation to the next phase.
     AdvanceRoot {
         /// The phase to enter.
@@ -172,10 +198,30 @@ impl RootPhase {
     pub fn roots(&self) -> Option<(&str, &str, OffsetDateTime)> {
         match self {
             Self::Stable => None,
-            Self::Publish { old, new, since }
-            | Self::Switch { old, new, since }
-            | Self::Retire { old, new, since } => Some((old, new, *since)),
+            Self::Publish {
+                old, new, since, ..
+            }
+            | Self::Switch {
+                old, new, since, ..
+            }
+            | Self::Retire {
+                old, new, since, ..
+            } => Some((old, new, *since)),
         }
+    }
+
+    /// The same phase, recorded as settled at `at`.
+    pub fn settle(&self, at: OffsetDateTime) -> Self {
+        let mut out = self.clone();
+        match &mut out {
+            Self::Stable => {}
+            Self::Publish { settled, .. }
+            | Self::Switch { settled, .. }
+            | Self::Retire { settled, .. } => {
+                settled.get_or_insert(at);
+            }
+        }
+        out
     }
 
     /// The phase after this one, entered at `now`.
@@ -186,11 +232,13 @@ impl RootPhase {
                 old,
                 new,
                 since: now,
+                settled: None,
             },
             Self::Switch { old, new, .. } => Self::Retire {
                 old,
                 new,
                 since: now,
+                settled: None,
             },
             Self::Retire { .. } => Self::Stable,
         }
@@ -232,11 +280,13 @@ pub fn abort(
             old: new,
             new: old,
             since: now,
+            settled: None,
         }),
         RootPhase::Switch { old, new, .. } => Ok(RootPhase::Switch {
             old: new,
             new: old,
             since: now,
+            settled: None,
         }),
         RootPhase::Retire { old, .. } => Err(AbortError::Final(old)),
     }
@@ -390,30 +440,48 @@ fn root_gate(
     observed: &BTreeMap<String, Observed>,
     policy: &Policy,
 ) -> Option<Planned> {
-    let (since, next, check): (OffsetDateTime, &'static str, Box<PhaseCheck>) = match root {
+    let (since, settled, next, check): (_, _, &'static str, Box<PhaseCheck>) = match root {
         RootPhase::Stable => return None,
-        RootPhase::Publish { old, new, since } => {
+        RootPhase::Publish {
+            old,
+            new,
+            since,
+            settled,
+        } => {
             let (o, n) = (old.clone(), new.clone());
             (
                 *since,
+                *settled,
                 "switch",
                 Box::new(move |ob: &Observed| {
                     ob.bundle_roots.contains(&o) && ob.bundle_roots.contains(&n)
                 }),
             )
         }
-        RootPhase::Switch { new, since, .. } => {
+        RootPhase::Switch {
+            new,
+            since,
+            settled,
+            ..
+        } => {
             let n = new.clone();
             (
                 *since,
+                *settled,
                 "retire",
                 Box::new(move |ob: &Observed| ob.active_root.as_deref() == Some(n.as_str())),
             )
         }
-        RootPhase::Retire { old, new, since } => {
+        RootPhase::Retire {
+            old,
+            new,
+            since,
+            settled,
+        } => {
             let (o, n) = (old.clone(), new.clone());
             (
                 *since,
+                *settled,
                 "stable",
                 Box::new(move |ob: &Observed| {
                     ob.bundle_roots.contains(&n) && !ob.bundle_roots.contains(&o)
@@ -426,37 +494,67 @@ fn root_gate(
         match observed.get(name) {
             Some(o) if o.reachable && check(o) => {}
             Some(o) if !o.reachable => lagging.push(match o.unreachable_since {
-                Some(t) if now > t => format!(
-                    "{name} (unreachable for {})",
-                    humantime::format_duration(std::time::Duration::from_secs(
-                        (now - t).whole_seconds().max(0) as u64
-                    ))
-                ),
+                Some(t) if now - t >= Duration::MINUTE => {
+                    format!("{name} (unreachable for {})", coarse(now - t))
+                }
                 _ => format!("{name} (unreachable)"),
             }),
             Some(_) => lagging.push(format!("{name} (not yet observed holding it)")),
             None => lagging.push(format!("{name} (not observed)")),
         }
     }
-    let soaked = now >= since + policy.soak;
-    Some(match (lagging.is_empty(), soaked) {
-        (true, true) => Planned {
-            action: Action::AdvanceRoot { to: next },
-            reason: format!("every cluster observed, soak of {} passed", policy.soak),
-        },
-        (true, false) => Planned {
-            action: Action::Blocked {
-                reason: format!("soaking until {}", since + policy.soak),
-            },
-            reason: "soak time not yet passed".into(),
-        },
+    Some(match (lagging.is_empty(), settled) {
         (false, _) => Planned {
             action: Action::Blocked {
-                reason: format!("held since {since}: {}", lagging.join(", ")),
+                reason: format!(
+                    "phase {} held since {}: {}",
+                    root.name(),
+                    stamp(since),
+                    lagging.join(", ")
+                ),
             },
             reason: "not every cluster was observed with the current phase's material".into(),
         },
+        (true, None) => Planned {
+            action: Action::Settle,
+            reason: format!(
+                "every cluster observed holding the phase's material; the soak of {} starts now",
+                coarse(policy.soak)
+            ),
+        },
+        (true, Some(t)) if now < t + policy.soak => Planned {
+            action: Action::Blocked {
+                reason: format!(
+                    "phase {} soaking until {}",
+                    root.name(),
+                    stamp(t + policy.soak)
+                ),
+            },
+            reason: "soak time not yet passed".into(),
+        },
+        (true, Some(_)) => Planned {
+            action: Action::AdvanceRoot { to: next },
+            reason: format!(
+                "every cluster observed, soak of {} passed",
+                coarse(policy.soak)
+            ),
+        },
     })
+}
+
+/// RFC 3339 to the second, for messages.
+pub fn stamp(t: OffsetDateTime) -> String {
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
+/// A duration to the minute (to the second below one minute), for messages.
+pub fn coarse(d: Duration) -> String {
+    let secs = d.whole_seconds().max(0) as u64;
+    let secs = if secs >= 60 { secs / 60 * 60 } else { secs };
+    humantime::format_duration(std::time::Duration::from_secs(secs)).to_string()
 }
 
 #[cfg(test)]
@@ -657,6 +755,7 @@ mod tests {
             old: "r1".into(),
             new: "r2".into(),
             since: T0,
+            settled: None,
         };
         let later = T0 + Duration::hours(49);
         // One cluster still holds only the old root: blocked, named.
@@ -682,18 +781,45 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        // Both hold {old, new} but the soak has not passed.
+        // Both hold {old, new}: the soak starts now, however long the phase has lasted
+        // (a cluster that lagged for days still gets the full soak).
         let o = BTreeMap::from([
             ("east".to_owned(), obs(true, &["r1", "r2"], "r1")),
             ("west".to_owned(), obs(true, &["r2", "r1"], "r1")),
         ]);
-        match &plan(T0 + Duration::hours(47), &two(), &phase, "r1", &o, &p)[0].action {
-            Action::Blocked { reason } => assert!(reason.starts_with("soaking until"), "{reason}"),
+        let days_later = T0 + Duration::days(10);
+        assert_eq!(
+            actions(&plan(days_later, &two(), &phase, "r1", &o, &p)),
+            vec![Action::Settle]
+        );
+        let settled = phase.settle(days_later);
+        assert_eq!(settled.settle(days_later + Duration::days(1)), settled);
+        match &plan(
+            days_later + Duration::hours(48) - Duration::seconds(1),
+            &two(),
+            &settled,
+            "r1",
+            &o,
+            &p,
+        )[0]
+        .action
+        {
+            Action::Blocked { reason } => assert!(
+                reason.contains("soaking until 2027-01-13T00:00:00Z"),
+                "{reason}"
+            ),
             other => panic!("{other:?}"),
         }
         // Both clear.
         assert_eq!(
-            actions(&plan(later, &two(), &phase, "r1", &o, &p)),
+            actions(&plan(
+                days_later + Duration::hours(48),
+                &two(),
+                &settled,
+                "r1",
+                &o,
+                &p
+            )),
             vec![Action::AdvanceRoot { to: "switch" }]
         );
     }
@@ -705,6 +831,7 @@ mod tests {
             old: "r1".into(),
             new: "r2".into(),
             since: T0,
+            settled: None,
         };
         let o = BTreeMap::new();
         let acts = actions(&plan(T0, &two(), &phase, "r1", &o, &p));
@@ -735,6 +862,17 @@ mod tests {
         ]);
         assert_eq!(
             actions(&plan(T0 + Duration::days(3), &c, &phase, "r1", &o, &p)),
+            vec![Action::Settle]
+        );
+        assert_eq!(
+            actions(&plan(
+                T0 + Duration::days(5),
+                &c,
+                &phase.settle(T0 + Duration::days(3)),
+                "r1",
+                &o,
+                &p
+            )),
             vec![Action::AdvanceRoot { to: "retire" }]
         );
     }
@@ -746,6 +884,7 @@ mod tests {
             old: "r1".into(),
             new: "r2".into(),
             since: T0,
+            settled: None,
         };
         let mut c = two();
         for s in c.values_mut() {
@@ -763,6 +902,7 @@ mod tests {
             ("east".to_owned(), obs(true, &["r2"], "r2")),
             ("west".to_owned(), obs(true, &["r2"], "r2")),
         ]);
+        let phase = phase.settle(T0);
         assert_eq!(
             actions(&plan(T0 + Duration::days(3), &c, &phase, "r2", &o, &p)),
             vec![Action::AdvanceRoot { to: "stable" }]
@@ -786,6 +926,7 @@ mod tests {
             old: "r1".into(),
             new: "r2".into(),
             since: T0,
+            settled: None,
         };
         // Publish: nothing chains to r2 yet, so it is retired at once.
         assert_eq!(
@@ -793,7 +934,8 @@ mod tests {
             Ok(RootPhase::Retire {
                 old: "r2".into(),
                 new: "r1".into(),
-                since: now
+                since: now,
+                settled: None
             })
         );
         // Switch: the switch runs backwards to r1, with its own gate and soak.
@@ -804,7 +946,8 @@ mod tests {
             RootPhase::Switch {
                 old: "r2".into(),
                 new: "r1".into(),
-                since: now
+                since: now,
+                settled: None
             }
         );
         let mut c = two();
@@ -846,6 +989,7 @@ mod tests {
             old: "r1".into(),
             new: "r2".into(),
             since: T0,
+            settled: None,
         };
         assert_eq!(
             actions(&emergency("east", &switch, "r1"))[0],
@@ -862,6 +1006,7 @@ mod tests {
             old: "r1".into(),
             new: "r2".into(),
             since: T0,
+            settled: None,
         };
         let mut west = obs(false, &[], "r1");
         west.unreachable_since = Some(T0);
