@@ -98,13 +98,13 @@ fn state_errors() {
     let original = env.read("cactl-state/state.json");
     env.write(
         "cactl-state/state.json",
-        original.replacen("\"schema\": 1", "\"schema\": 99", 1),
+        original.replacen("\"schema\": 2", "\"schema\": 99", 1),
     );
     refuses(
         &env,
         &["issue", "east"],
         1,
-        "written by a newer cactl (schema 99; this cactl reads up to 1)",
+        "written by a newer cactl (schema 99; this cactl reads up to 2)",
     );
     refuses(&env, &["status"], 1, "written by a newer cactl");
     env.write("cactl-state/state.json", "{\"schema\": 1, \"revision\": ");

@@ -206,7 +206,7 @@ fn reissue_keeps_history_and_changes_serial() {
     assert_eq!(st["clusters"][0]["history"], 1);
     assert_eq!(st["clusters"][0]["intermediate"]["serial"], second.as_str());
     let state = json(&env.read("cactl-state/state.json"));
-    assert_eq!(state["schema"], 1);
+    assert_eq!(state["schema"], 2);
     assert_eq!(
         state["clusters"]["east"]["history"][0]["serial"],
         first.as_str()

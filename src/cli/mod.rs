@@ -376,6 +376,12 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
         {
             return 4;
         }
+        if let Some(crate::rotation::execute::Error::State(
+            state::Error::Locked(_) | state::Error::Conflict { .. },
+        )) = cause.downcast_ref::<crate::rotation::execute::Error>()
+        {
+            return 4;
+        }
         if cause.is::<config::Error>() {
             return 2;
         }
@@ -1081,21 +1087,28 @@ fn rotate(cli: &Cli, args: &RotateArgs, now: OffsetDateTime) -> Result<()> {
     }
     let report = report?;
     output::rotate_done(cli.output, &report);
+    // Waiting for a cluster to act (istiod picking up a bundle) is not a failure; a cluster
+    // that cannot be read or written is.
     let failing: Vec<String> = report
         .clusters
         .iter()
         .filter(|(n, o)| {
-            !o.in_sync
-                && loaded
-                    .config
-                    .cluster(n)
-                    .is_some_and(ClusterConfig::has_api_access)
+            let api = loaded
+                .config
+                .cluster(n)
+                .is_some_and(ClusterConfig::has_api_access);
+            let push_failed = pushes
+                .iter()
+                .rev()
+                .find(|r| &r.cluster == *n)
+                .is_some_and(|r| !r.ok());
+            api && (!o.reachable || push_failed)
         })
         .map(|(n, o)| format!("{n} ({})", o.detail.as_deref().unwrap_or("not in sync")))
         .collect();
     if !failing.is_empty() {
         bail!(
-            "{} cluster(s) do not hold what the state says (the state is saved; re-run `cactl rotate` when they are reachable): {}",
+            "{} cluster(s) could not be read or written (the state is saved; re-run `cactl rotate` when they are reachable): {}",
             failing.len(),
             failing.join("; ")
         );
