@@ -305,8 +305,20 @@ impl Default for RotationConfig {
 pub struct StateConfig {
     /// Store kind.
     pub store: StoreKind,
-    /// Directory for the file store, relative to the config file's directory.
+    /// Directory for the file store (and, for every store, local records such as the last
+    /// push), relative to the config file's directory.
     pub path: PathBuf,
+    /// Kubernetes store: namespace of the Secret (and of the rotation Lease).
+    pub namespace: String,
+    /// Kubernetes store: name of the Secret holding the state.
+    pub secret: String,
+    /// Kubernetes store: kubeconfig of the cluster cactl keeps its state in (unset: the
+    /// in-cluster service account).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Kubernetes store: kubeconfig context.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<String>,
 }
 
 /// State store kinds.
@@ -315,6 +327,8 @@ pub struct StateConfig {
 pub enum StoreKind {
     /// A directory on the local filesystem.
     File,
+    /// A Secret in the cluster cactl runs in (shared by `serve` replicas).
+    Kubernetes,
 }
 
 /// A member cluster.
@@ -492,6 +506,10 @@ impl Default for StateConfig {
         Self {
             store: StoreKind::File,
             path: PathBuf::from("cactl-state"),
+            namespace: "cactl-system".into(),
+            secret: "cactl-state".into(),
+            kubeconfig: None,
+            context: None,
         }
     }
 }

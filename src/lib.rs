@@ -19,6 +19,7 @@ pub mod config;
 pub mod devtoken;
 pub mod fsutil;
 pub mod grpc;
+pub mod lease;
 pub mod pki;
 pub mod policy;
 pub mod rotation;

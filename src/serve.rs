@@ -54,6 +54,9 @@ pub enum Error {
     /// The gRPC server failed.
     #[error("gRPC server: {0}")]
     Server(String),
+    /// Leader election or the rotation timer could not start.
+    #[error("rotation lease: {0}")]
+    Lease(String),
 }
 
 /// Where the service listens (after binding: the real ports).
@@ -261,16 +264,59 @@ pub async fn run(
         worker_threads.push(handle);
     }
 
+    // With a lease, one replica rotates and pushes; every replica signs.
+    let fence = match &config.rotation.lease {
+        None => {
+            let _ = metrics.leader.set(1);
+            crate::lease::Fence::always()
+        }
+        Some(name) => {
+            let s = &config.state;
+            let home = crate::state::kube::Home {
+                kubeconfig: s.kubeconfig.as_ref().map(|p| loaded.resolve(p)),
+                context: s.context.clone(),
+            };
+            let client = crate::state::kube::connect(&home)
+                .await
+                .map_err(|e| Error::Lease(format!("{name}: {e}")))?;
+            let identity = std::env::var("POD_NAME")
+                .or_else(|_| std::env::var("HOSTNAME"))
+                .unwrap_or_else(|_| format!("cactl-{}", std::process::id()));
+            let elector =
+                crate::lease::Elector::new(client, &s.namespace, name, &identity, LEASE_DURATION);
+            let fence = elector.fence();
+            let m = metrics.clone();
+            tokio::spawn(elector.run(shutdown.clone(), move |is| {
+                m.leader.set(i64::from(is));
+            }));
+            fence
+        }
+    };
+
+    // Scheduled rotation on its own thread (the executor's store and backend are synchronous).
+    if !config.rotation.interval.is_zero() {
+        let (loaded, fence, shutdown, metrics) = (
+            loaded.clone(),
+            fence.clone(),
+            shutdown.clone(),
+            metrics.clone(),
+        );
+        std::thread::Builder::new()
+            .name("cactl-rotate".into())
+            .spawn(move || rotation_thread(loaded, fence, shutdown, metrics))
+            .map_err(|e| Error::Lease(format!("cannot start the rotation thread: {e}")))?;
+    }
+
     // Continuous distribution to every cluster cactl can reach.
     if config.push.sync_in_serve {
-        let sync_store: Arc<dyn StateStore + Send + Sync> =
-            Arc::new(crate::state::file::FileStore::new(loaded.state_dir()));
+        let sync_store: Arc<dyn StateStore + Send + Sync> = Arc::from(crate::state::open(&loaded));
         for c in config.clusters.iter().filter(|c| c.has_api_access()) {
             let metrics = metrics.clone();
             tokio::spawn(crate::trust::distribute::sync_loop(
                 loaded.clone(),
                 sync_store.clone(),
                 c.clone(),
+                fence.clone(),
                 shutdown.clone(),
                 move |r| {
                     metrics
@@ -479,6 +525,77 @@ fn builder() -> tonic::transport::Server {
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(16 << 20)
         .max_concurrent_streams(1024)
+}
+
+/// How long a rotation lease lasts without renewal (renewed every third of it).
+const LEASE_DURATION: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Runs the rotation executor every `rotation.interval` while this replica may act.
+fn rotation_thread(
+    loaded: Loaded,
+    fence: crate::lease::Fence,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    metrics: Arc<Metrics>,
+) {
+    use crate::rotation::execute::{self, Context, Request};
+    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    else {
+        tracing::error!("cannot start the rotation runtime; scheduled rotation is off");
+        return;
+    };
+    rt.block_on(async move {
+        let store = crate::state::open(&loaded);
+        let backend = crate::backend::local::LocalRoot::new();
+        let mut tick = tokio::time::interval(loaded.config.rotation.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tick.tick() => {}
+            }
+            if !fence.may_act() {
+                continue;
+            }
+            let ctx = Context {
+                config: &loaded.config,
+                backend: &backend,
+                policy: loaded.config.rotation_policy(),
+                fence: fence.clone(),
+            };
+            let fleet = crate::trust::distribute::KubeFleet::new(&loaded);
+            let now = time::OffsetDateTime::now_utc();
+            let result = execute::run(&ctx, store.as_ref(), &fleet, now, &[], &Request::Due, &|s| {
+                tracing::info!(step = ?s, "rotation");
+            })
+            .await;
+            let outcome = match result {
+                Ok(r) => {
+                    metrics.root_phase.set(match r.phase.name() {
+                        "publish" => 1,
+                        "switch" => 2,
+                        "retire" => 3,
+                        _ => 0,
+                    });
+                    for h in &r.held {
+                        tracing::warn!(held = %h, "root rotation held");
+                    }
+                    if r.held.iter().any(|h| !h.contains("soaking")) { "held" } else { "ok" }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "rotation run failed; retrying at the next interval");
+                    "failed"
+                }
+            };
+            metrics
+                .rotation_runs
+                .get_or_create(&crate::telemetry::ReasonLabel {
+                    reason: outcome.into(),
+                })
+                .inc();
+        }
+    });
 }
 
 /// One gRPC worker: a current-thread runtime that accepts, handshakes and serves until

@@ -68,6 +68,13 @@ pub struct Metrics {
     pub cluster_sync: Family<ClusterLabel, Gauge>,
     /// `cactl_push_writes_total{cluster}`: objects written to clusters.
     pub push_writes: Family<ClusterLabel, Counter>,
+    /// `cactl_rotation_runs_total{reason}`: rotation executor runs by outcome (`ok`, `held`,
+    /// `failed`).
+    pub rotation_runs: Family<ReasonLabel, Counter>,
+    /// `cactl_root_rotation_phase`: 0 stable, 1 publish, 2 switch, 3 retire.
+    pub root_phase: Gauge,
+    /// `cactl_leader`: 1 while this replica holds the rotation lease (or no lease is used).
+    pub leader: Gauge,
     /// Whether the service is ready (issuers and serving certificate loaded).
     pub ready: AtomicBool,
 }
@@ -142,6 +149,24 @@ impl Metrics {
             "Issuer sets loaded (start and every state change)",
             reloads.clone(),
         );
+        let rotation_runs = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "rotation_runs",
+            "Rotation executor runs by outcome (ok, held, failed)",
+            rotation_runs.clone(),
+        );
+        let root_phase = Gauge::default();
+        registry.register(
+            "root_rotation_phase",
+            "Root rotation phase: 0 stable, 1 publish, 2 switch, 3 retire",
+            root_phase.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica rotates and pushes (holds the lease, or no lease is used)",
+            leader.clone(),
+        );
         Self {
             registry,
             requests,
@@ -155,6 +180,9 @@ impl Metrics {
             reloads,
             cluster_sync,
             push_writes,
+            rotation_runs,
+            root_phase,
+            leader,
             ready: AtomicBool::new(false),
         }
     }

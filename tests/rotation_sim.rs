@@ -221,6 +221,7 @@ fn run(
         config,
         backend: &backend,
         policy: config.rotation_policy(),
+        fence: cactl::lease::Fence::always(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()

@@ -29,9 +29,8 @@ use time::OffsetDateTime;
 
 use crate::backend::RootAuthority;
 use crate::backend::local::LocalRoot;
-use crate::config::{self, ClusterConfig, Config, Loaded, RootBackend, StoreKind};
+use crate::config::{self, ClusterConfig, Config, Loaded, RootBackend};
 use crate::pki::spiffe::SpiffeId;
-use crate::state::file::FileStore;
 use crate::state::{self, State, StateStore};
 use crate::{ca, cacerts, fsutil, pki};
 
@@ -426,9 +425,7 @@ fn load_config(cli: &Cli) -> Result<Loaded> {
 }
 
 fn store_for(loaded: &Loaded) -> Box<dyn StateStore + Send + Sync> {
-    match loaded.config.state.store {
-        StoreKind::File => Box::new(FileStore::new(loaded.state_dir())),
-    }
+    state::open(loaded)
 }
 
 fn backend_for(loaded: &Loaded) -> Box<dyn RootAuthority> {
@@ -1049,6 +1046,7 @@ fn rotate(cli: &Cli, args: &RotateArgs, now: OffsetDateTime) -> Result<()> {
         config: &loaded.config,
         backend: backend.as_ref(),
         policy: loaded.config.rotation_policy(),
+        fence: crate::lease::Fence::always(),
     };
     let fleet = crate::trust::distribute::KubeFleet::new(&loaded);
     let runtime = tokio::runtime::Builder::new_multi_thread()

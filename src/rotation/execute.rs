@@ -171,6 +171,21 @@ pub struct Context<'a> {
     pub backend: &'a dyn RootAuthority,
     /// Thresholds and soak.
     pub policy: Policy,
+    /// Whether this process may still act (leader election); checked before every save and
+    /// every push.
+    pub fence: crate::lease::Fence,
+}
+
+impl Context<'_> {
+    fn may_act(&self) -> Result<(), Error> {
+        if self.fence.may_act() {
+            Ok(())
+        } else {
+            Err(Error::Refused(
+                "this replica no longer holds the rotation lease; stopping before acting".into(),
+            ))
+        }
+    }
 }
 
 /// The slots of the clusters in `names`, from the state.
@@ -317,7 +332,9 @@ pub async fn run<F: Fleet + Sync>(
         steps.push(s);
     };
     // The request's own change is saved before anything else happens.
+    ctx.may_act()?;
     if let Some(step) = apply_request(ctx, &mut state, request, now)? {
+        ctx.may_act()?;
         save(store, &mut state)?;
         emit(step, &mut steps);
     }
@@ -350,6 +367,7 @@ pub async fn run<F: Fleet + Sync>(
             obs.insert(n, o);
         }
         if note_reachability(&mut state, &obs, now) {
+            ctx.may_act()?;
             save(store, &mut state)?;
         }
         let planned = plan_observed(&ctx.policy, &state, &names, &obs, now, whole_mesh);
@@ -371,6 +389,7 @@ pub async fn run<F: Fleet + Sync>(
         if changed.is_empty() && renewed.is_empty() {
             break;
         }
+        ctx.may_act()?;
         save(store, &mut state)?;
         for s in changed {
             emit(s, &mut steps);

@@ -3,6 +3,7 @@
 //! semantics.
 
 pub mod file;
+pub mod kube;
 
 use std::collections::BTreeMap;
 
@@ -57,6 +58,14 @@ pub enum Error {
         expected: u64,
         /// Revision found.
         found: u64,
+    },
+    /// A remote store failed (API server unreachable, permission missing, ...).
+    #[error("state at {location}: {reason}")]
+    Remote {
+        /// Where.
+        location: String,
+        /// Why.
+        reason: String,
     },
     /// I/O failure.
     #[error("state I/O at {location}: {source}")]
@@ -330,6 +339,23 @@ pub trait StateStore {
 
 /// Holds a store lock until dropped.
 pub trait LockGuard {}
+
+/// Opens the store `loaded`'s configuration selects.
+pub fn open(loaded: &crate::config::Loaded) -> Box<dyn StateStore + Send + Sync> {
+    use crate::config::StoreKind;
+    let s = &loaded.config.state;
+    match s.store {
+        StoreKind::File => Box::new(file::FileStore::new(loaded.state_dir())),
+        StoreKind::Kubernetes => Box::new(kube::KubeStore::new(
+            kube::Home {
+                kubeconfig: s.kubeconfig.as_ref().map(|p| loaded.resolve(p)),
+                context: s.context.clone(),
+            },
+            &s.namespace,
+            &s.secret,
+        )),
+    }
+}
 
 #[cfg(test)]
 mod tests {

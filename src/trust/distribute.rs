@@ -318,6 +318,7 @@ pub async fn sync_loop(
     loaded: Loaded,
     store: std::sync::Arc<dyn crate::state::StateStore + Send + Sync>,
     cluster: ClusterConfig,
+    fence: crate::lease::Fence,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
     on_report: impl Fn(&ClusterReport) + Send + 'static,
 ) {
@@ -387,6 +388,13 @@ pub async fn sync_loop(
             .max(Duration::from_millis(100)),
     );
     loop {
+        // Only the replica holding the lease pushes.
+        while !fence.may_act() {
+            tokio::select! {
+                () = stopped(&mut shutdown) => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
         let state = match store.load() {
             Ok(Some(s)) => s,
             Ok(None) => {
