@@ -637,8 +637,8 @@ impl Config {
                 "workload.max_ttl",
                 format!(
                     "{} is longer than an intermediate can cover: at most min(intermediate.lifetime/6, rotation.activate_before) = {} (raise intermediate.lifetime or lower workload.max_ttl)",
-                    humantime::format_duration(self.workload.max_ttl),
-                    humantime::format_duration(cover)
+                    humantime_serde::format(self.workload.max_ttl),
+                    humantime_serde::format(cover)
                 ),
             ));
         }

@@ -269,6 +269,14 @@ fn cross_signed_root_rotation_through_every_phase() {
     assert!(!cacerts(&m.east, "root-cert.pem").contains(old_root.trim()));
     assert_eq!(pem_count(&ext_roots(&m.ext)), 1);
     assert!(r["held"][0].as_str().unwrap().contains("east"), "{r}");
+    let st = status(&m.env);
+    assert_eq!(st["rotation"]["root_rotation"]["phase"], "retire");
+    assert_eq!(st["roots"][0]["status"], "retired");
+    assert_eq!(st["roots"][1]["status"], "active");
+    assert_eq!(
+        st["clusters"][0]["sync"]["istiod_has_bundle"], false,
+        "{st}"
+    );
     istiod_reloads(&m.east);
     let r = rotate(&m.env);
     assert_eq!(steps(&r), ["settled retire"], "{r}");
@@ -349,4 +357,20 @@ fn emergency_replacement_and_concurrent_runs() {
     let st = status(&m.env);
     assert_eq!(st["clusters"][0]["history"], 2);
     assert_eq!(st["clusters"][1]["history"], 0);
+}
+
+#[test]
+fn a_workload_ttl_no_intermediate_can_cover_is_refused() {
+    let env = Env::new();
+    env.write(
+        "cactl.yaml",
+        "intermediate:\n  lifetime: 6d\nworkload:\n  max_ttl: 48h\n",
+    );
+    let err = env.fails(&["rotate", "--plan"], 2);
+    assert!(
+        err.contains("workload.max_ttl")
+            && err.contains("2d is longer than an intermediate can cover")
+            && err.contains("rotation.activate_before) = 1d "),
+        "{err}"
+    );
 }
