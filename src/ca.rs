@@ -58,7 +58,10 @@ pub fn init_generated(
         now,
         lifetime: to_time(config.root.lifetime),
     };
-    let record = backend.create_root(&id, &spec, config.root.key_type, now)?;
+    let record = match backend.existing_root(&id, now)? {
+        Some(adopted) => adopted,
+        None => backend.create_root(&id, &spec, config.root.key_type, now)?,
+    };
     state.roots.push(record);
     Ok(())
 }
@@ -123,6 +126,8 @@ pub fn init_imported(
         created_at: now,
         retired_at: None,
         cross_signed_pem: None,
+        backend_ref: None,
+        backend_retired: false,
     });
     Ok(())
 }
@@ -177,7 +182,7 @@ pub fn mint_intermediate(
             .name_constraints
             .then(|| config.trust_domain.clone()),
     };
-    let der = backend.sign_intermediate(&root, &spec, &key.public_key_spki())?;
+    let der = backend.sign_intermediate(&root, &spec, &key)?;
     // Trust nothing a backend returns without checking it.
     let info = CertInfo::from_der(&der)?;
     if info.spki != key.public_key_spki() {

@@ -9,6 +9,7 @@
 pub mod authority;
 pub mod backend;
 pub mod bench;
+pub mod bridge;
 pub mod bundle;
 pub mod ca;
 pub mod cacerts;
@@ -29,3 +30,4 @@ pub mod state;
 pub mod telemetry;
 pub mod tls;
 pub mod trust;
+pub mod vault;

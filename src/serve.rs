@@ -309,7 +309,7 @@ pub async fn run(
 
     // Continuous distribution to every cluster cactl can reach.
     if config.push.sync_in_serve {
-        let sync_store: Arc<dyn StateStore + Send + Sync> = Arc::from(crate::state::open(&loaded));
+        let sync_store: Arc<dyn StateStore + Send + Sync> = Arc::from(crate::state::open(&loaded)?);
         for c in config.clusters.iter().filter(|c| c.has_api_access()) {
             let metrics = metrics.clone();
             tokio::spawn(crate::trust::distribute::sync_loop(
@@ -546,8 +546,20 @@ fn rotation_thread(
         return;
     };
     rt.block_on(async move {
-        let store = crate::state::open(&loaded);
-        let backend = crate::backend::local::LocalRoot::new();
+        let (store, backend) = match (
+            crate::state::open(&loaded),
+            crate::backend::open(&loaded),
+        ) {
+            (Ok(s), Ok(b)) => (s, b),
+            (Err(e), _) => {
+                tracing::error!(error = %e, "scheduled rotation is off: cannot open the state store");
+                return;
+            }
+            (_, Err(e)) => {
+                tracing::error!(error = %e, "scheduled rotation is off: cannot open the root backend");
+                return;
+            }
+        };
         let mut tick = tokio::time::interval(loaded.config.rotation.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -560,7 +572,7 @@ fn rotation_thread(
             }
             let ctx = Context {
                 config: &loaded.config,
-                backend: &backend,
+                backend: backend.as_ref(),
                 policy: loaded.config.rotation_policy(),
                 fence: fence.clone(),
             };

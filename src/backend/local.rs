@@ -54,6 +54,8 @@ impl RootAuthority for LocalRoot {
             created_at: now,
             retired_at: None,
             cross_signed_pem: None,
+            backend_ref: None,
+            backend_retired: false,
         })
     }
 
@@ -61,10 +63,15 @@ impl RootAuthority for LocalRoot {
         &self,
         root: &RootRecord,
         spec: &IntermediateSpec,
-        spki: &[u8],
+        key: &SecretKey,
     ) -> Result<Vec<u8>, Error> {
         let signer = signer(root)?;
-        Ok(template::sign_intermediate(spec, spki, &signer, &self.rng)?)
+        Ok(template::sign_intermediate(
+            spec,
+            &key.public_key_spki(),
+            &signer,
+            &self.rng,
+        )?)
     }
 
     fn cross_sign(
@@ -79,7 +86,8 @@ impl RootAuthority for LocalRoot {
     }
 }
 
-fn signer(root: &RootRecord) -> Result<CaSigner, Error> {
+/// The signer of a root whose key is in the record.
+pub(crate) fn signer(root: &RootRecord) -> Result<CaSigner, Error> {
     let key_pem = root.key_pem.as_ref().ok_or_else(|| Error::Root {
         id: root.id.clone(),
         reason: "its key is not in the state store (wrong root backend?)".into(),

@@ -8,7 +8,7 @@ pub mod local;
 
 use time::OffsetDateTime;
 
-use crate::pki::key::KeyAlgorithm;
+use crate::pki::key::{KeyAlgorithm, SecretKey};
 use crate::pki::template::{IntermediateSpec, RootSpec};
 use crate::state::RootRecord;
 
@@ -18,6 +18,9 @@ pub enum Error {
     /// An X.509 operation failed.
     #[error(transparent)]
     Pki(#[from] crate::pki::Error),
+    /// Vault failed.
+    #[error(transparent)]
+    Vault(#[from] crate::vault::Error),
     /// The root record lacks what this backend needs.
     #[error("root {id}: {reason}")]
     Root {
@@ -26,6 +29,32 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+}
+
+/// Opens the root backend `loaded`'s configuration selects.
+pub fn open(loaded: &crate::config::Loaded) -> Result<Box<dyn RootAuthority + Send + Sync>, Error> {
+    use crate::config::RootBackend;
+    let r = &loaded.config.root;
+    let vault = || {
+        crate::vault::Vault::new(
+            &loaded.config.vault,
+            &loaded.resolve(std::path::Path::new("")),
+        )
+    };
+    Ok(match r.backend {
+        RootBackend::Local => Box::new(local::LocalRoot::new()),
+        RootBackend::VaultPki => Box::new(crate::vault::pki::VaultPki::new(
+            vault()?,
+            &r.pki_mount,
+            r.adopt_issuer.clone(),
+        )),
+        RootBackend::VaultKv => Box::new(crate::vault::kv::VaultKvRoot::new(
+            vault()?,
+            &r.kv_mount,
+            &r.kv_path,
+            r.adopt_secret.clone(),
+        )),
+    })
 }
 
 /// A place that holds the mesh root and signs intermediates with it.
@@ -42,13 +71,26 @@ pub trait RootAuthority {
         now: OffsetDateTime,
     ) -> Result<RootRecord, Error>;
 
-    /// Signs an intermediate for the DER SubjectPublicKeyInfo `spki` with `root`.
+    /// A root the backend already holds and `cactl init` should adopt (as `id`) instead of
+    /// creating one; `None` when the configuration names none.
+    fn existing_root(&self, id: &str, now: OffsetDateTime) -> Result<Option<RootRecord>, Error> {
+        let _ = (id, now);
+        Ok(None)
+    }
+
+    /// Signs an intermediate for `key` (a CSR is made with it where the backend needs one;
+    /// otherwise only its public key is used) with `root`.
     fn sign_intermediate(
         &self,
         root: &RootRecord,
         spec: &IntermediateSpec,
-        spki: &[u8],
+        key: &SecretKey,
     ) -> Result<Vec<u8>, Error>;
+
+    /// Whether [`Self::cross_sign`] can work with this backend.
+    fn can_cross_sign(&self) -> bool {
+        true
+    }
 
     /// Cross-signs `subject` (a newer root) with `issuer` (the root it replaces).
     fn cross_sign(
@@ -57,4 +99,10 @@ pub trait RootAuthority {
         issuer: &RootRecord,
         now: OffsetDateTime,
     ) -> Result<Vec<u8>, Error>;
+
+    /// Takes a retired root's right to issue away where the backend can (idempotent).
+    fn retire_root(&self, root: &RootRecord) -> Result<(), Error> {
+        let _ = root;
+        Ok(())
+    }
 }

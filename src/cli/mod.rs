@@ -28,8 +28,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use time::OffsetDateTime;
 
 use crate::backend::RootAuthority;
-use crate::backend::local::LocalRoot;
-use crate::config::{self, ClusterConfig, Config, Loaded, RootBackend};
+use crate::config::{self, ClusterConfig, Config, Loaded};
 use crate::pki::spiffe::SpiffeId;
 use crate::state::{self, State, StateStore};
 use crate::{ca, cacerts, fsutil, pki};
@@ -424,14 +423,12 @@ fn load_config(cli: &Cli) -> Result<Loaded> {
     Ok(Config::load(&cli.config)?)
 }
 
-fn store_for(loaded: &Loaded) -> Box<dyn StateStore + Send + Sync> {
-    state::open(loaded)
+fn store_for(loaded: &Loaded) -> Result<Box<dyn StateStore + Send + Sync>> {
+    Ok(state::open(loaded)?)
 }
 
-fn backend_for(loaded: &Loaded) -> Box<dyn RootAuthority> {
-    match loaded.config.root.backend {
-        RootBackend::Local => Box::new(LocalRoot::new()),
-    }
+fn backend_for(loaded: &Loaded) -> Result<Box<dyn RootAuthority + Send + Sync>> {
+    Ok(crate::backend::open(loaded)?)
 }
 
 fn load_state(store: &dyn StateStore) -> Result<State> {
@@ -476,8 +473,8 @@ fn init(cli: &Cli, args: &InitArgs, now: OffsetDateTime) -> Result<()> {
     } else {
         load_config(cli)?
     };
-    let store = store_for(&loaded);
-    let backend = backend_for(&loaded);
+    let store = store_for(&loaded)?;
+    let backend = backend_for(&loaded)?;
     // Refuse early when initialised, and build the whole new state before touching the store.
     if store.load()?.is_some() {
         return Err(state::Error::AlreadyInitialized(store.location()).into());
@@ -568,8 +565,8 @@ fn cluster_list(cli: &Cli) -> Result<()> {
 
 fn issue(cli: &Cli, cluster: &str, now: OffsetDateTime) -> Result<()> {
     let loaded = load_config(cli)?;
-    let store = store_for(&loaded);
-    let backend = backend_for(&loaded);
+    let store = store_for(&loaded)?;
+    let backend = backend_for(&loaded)?;
     let record = mutate(store.as_ref(), |state| {
         Ok(ca::issue_intermediate(
             state,
@@ -585,7 +582,7 @@ fn issue(cli: &Cli, cluster: &str, now: OffsetDateTime) -> Result<()> {
 
 fn export(cli: &Cli, cluster: &str, out: &Path) -> Result<()> {
     let loaded = load_config(cli)?;
-    let store = store_for(&loaded);
+    let store = store_for(&loaded)?;
     let state = load_state(store.as_ref())?;
     let files = ca::cacerts(&state, &loaded.config, cluster)?;
     let dir = out.join(cluster);
@@ -605,7 +602,7 @@ fn export(cli: &Cli, cluster: &str, out: &Path) -> Result<()> {
 
 fn bundle(cli: &Cli, format: BundleFormat) -> Result<()> {
     let loaded = load_config(cli)?;
-    let store = store_for(&loaded);
+    let store = store_for(&loaded)?;
     let state = load_state(store.as_ref())?;
     let roots = ca::bundle_roots(&state)?;
     match format {
@@ -621,7 +618,7 @@ fn bundle(cli: &Cli, format: BundleFormat) -> Result<()> {
 
 fn sign(cli: &Cli, args: &SignArgs, now: OffsetDateTime) -> Result<()> {
     let loaded = load_config(cli)?;
-    let store = store_for(&loaded);
+    let store = store_for(&loaded)?;
     let state = load_state(store.as_ref())?;
     let issuer = ca::ClusterIssuer::load(&state, &loaded.config, &args.cluster)?;
     let text = read_file(&args.csr, "CSR")?;
@@ -702,7 +699,7 @@ fn inspect(file: &Path, now: OffsetDateTime) -> Result<()> {
 
 fn status(cli: &Cli, now: OffsetDateTime) -> Result<()> {
     let loaded = load_config(cli)?;
-    let store = store_for(&loaded);
+    let store = store_for(&loaded)?;
     let state = load_state(store.as_ref())?;
     // Read every reachable cluster back and compare (writes nothing).
     let reachable: Vec<String> = loaded
@@ -783,7 +780,7 @@ fn embedded_config(path: &Path) -> Loaded {
 
 /// Creates the root and any missing intermediates (embedded defaults only).
 fn bootstrap(loaded: &Loaded, store: &dyn StateStore, now: OffsetDateTime) -> Result<()> {
-    let backend = backend_for(loaded);
+    let backend = backend_for(loaded)?;
     let _guard = store.lock()?;
     let mut state = match store.load()? {
         Some(s) => s,
@@ -830,7 +827,7 @@ fn serve(cli: &Cli, args: &ServeArgs) -> Result<()> {
         loaded.config.serve.plaintext_listen = Some(a.clone());
     }
     loaded.config.validate(&cli.config.display().to_string())?;
-    let store = store_for(&loaded);
+    let store = store_for(&loaded)?;
     if embedded {
         tracing::warn!(state = %store.location(), "no config file: serving on embedded defaults (local root, file state, cluster \"Kubernetes\", development tokens)");
         bootstrap(&loaded, store.as_ref(), OffsetDateTime::now_utc())?;
@@ -908,7 +905,7 @@ fn request(cli: &Cli, args: &RequestArgs) -> Result<()> {
             let l = loaded
                 .clone()
                 .unwrap_or_else(|| embedded_config(&cli.config));
-            let state = load_state(store_for(&l).as_ref())?;
+            let state = load_state(store_for(&l)?.as_ref())?;
             crate::bundle::pem(&ca::bundle_roots(&state)?)
         }
     };
@@ -1040,8 +1037,8 @@ fn rotate(cli: &Cli, args: &RotateArgs, now: OffsetDateTime) -> Result<()> {
         },
         (false, false, _) => Request::Due,
     };
-    let store = store_for(&loaded);
-    let backend = backend_for(&loaded);
+    let store = store_for(&loaded)?;
+    let backend = backend_for(&loaded)?;
     let ctx = Context {
         config: &loaded.config,
         backend: backend.as_ref(),
@@ -1121,7 +1118,7 @@ fn push(cli: &Cli, args: &PushArgs, now: OffsetDateTime) -> Result<()> {
             return Err(ca::Error::UnknownCluster(c.clone()).into());
         }
     }
-    let store = store_for(&loaded);
+    let store = store_for(&loaded)?;
     if !args.dry_run {
         ensure_istiod_tls(&loaded, store.as_ref(), now)?;
     }

@@ -71,6 +71,7 @@ pub struct LeafSpec {
 pub struct CaSigner {
     issuer: Issuer<'static, SecretKey>,
     cert_der: Vec<u8>,
+    not_before: OffsetDateTime,
     not_after: OffsetDateTime,
 }
 
@@ -99,6 +100,7 @@ impl CaSigner {
         Ok(Self {
             issuer,
             cert_der: cert_der.to_vec(),
+            not_before: info.not_before,
             not_after: info.not_after,
         })
     }
@@ -223,6 +225,19 @@ pub fn sign_intermediate(
     Ok(params.signed_by(&spki, &signer.issuer)?.der().to_vec())
 }
 
+/// A CSR (PEM) for an intermediate's key with the intermediate's subject, for root backends
+/// that sign CSRs (Vault's `sign-intermediate`). The CA decides the profile; the CSR only
+/// proves possession of the key.
+pub fn intermediate_csr(spec: &IntermediateSpec, key: &SecretKey) -> Result<String, Error> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, spec.organization.as_str());
+    dn.push(DnType::OrganizationalUnitName, spec.cluster.as_str());
+    dn.push(DnType::CommonName, spec.common_name.as_str());
+    params.distinguished_name = dn;
+    Ok(params.serialize_request(key)?.pem()?)
+}
+
 /// Cross-signs a root: a certificate with `subject_root`'s name and key, issued by `signer`
 /// (the root it replaces), valid from `now` until the earlier of the two roots' NotAfter. A
 /// chain `leaf → intermediate → cross-signed root` then verifies under the old root too.
@@ -277,9 +292,11 @@ pub fn cross_sign_root(
 }
 
 /// Parameters of a workload leaf.
+/// The validity of the leaf nests in `issuer_validity` (NotBefore, NotAfter): the backdate
+/// never reaches before the issuer's NotBefore (an intermediate a CA issued seconds ago).
 pub fn leaf_params(
     spec: &LeafSpec,
-    issuer_not_after: OffsetDateTime,
+    issuer_validity: (OffsetDateTime, OffsetDateTime),
     rng: &dyn SecureRandom,
 ) -> Result<CertificateParams, Error> {
     let mut params = CertificateParams::default();
@@ -295,8 +312,8 @@ pub fn leaf_params(
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    params.not_before = strip_nanos(spec.now - LEAF_BACKDATE);
-    params.not_after = strip_nanos((spec.now + spec.ttl).min(issuer_not_after));
+    params.not_before = strip_nanos(spec.now - LEAF_BACKDATE).max(issuer_validity.0);
+    params.not_after = strip_nanos((spec.now + spec.ttl).min(issuer_validity.1));
     params.serial_number = Some(random_serial(rng)?);
     params.use_authority_key_identifier_extension = true;
     Ok(params)
@@ -312,7 +329,7 @@ pub fn sign_leaf(
     if signer.not_after <= spec.now {
         return Err(Error::Chain("the issuing CA has expired".into()));
     }
-    let params = leaf_params(spec, signer.not_after, rng)?;
+    let params = leaf_params(spec, (signer.not_before, signer.not_after), rng)?;
     let spki = SubjectPublicKeyInfo::from_der(subject_spki)?;
     Ok(params.signed_by(&spki, &signer.issuer)?.der().to_vec())
 }
@@ -362,7 +379,7 @@ pub fn sign_server(
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = end_entity_key_usages(spec.rsa_key);
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-    params.not_before = strip_nanos(spec.now - LEAF_BACKDATE);
+    params.not_before = strip_nanos(spec.now - LEAF_BACKDATE).max(signer.not_before);
     params.not_after = strip_nanos((spec.now + spec.lifetime).min(signer.not_after));
     params.serial_number = Some(random_serial(rng)?);
     params.use_authority_key_identifier_extension = true;

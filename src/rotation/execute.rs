@@ -395,6 +395,33 @@ pub async fn run<F: Fleet + Sync>(
             emit(s, &mut steps);
         }
     }
+    // A retired root loses its right to issue at the backend too, once the state says so.
+    let retired: Vec<String> = state
+        .roots
+        .iter()
+        .filter(|r| r.status == RootStatus::Retired && !r.backend_retired)
+        .map(|r| r.id.clone())
+        .collect();
+    for id in retired {
+        let Some(root) = state.root(&id).cloned() else {
+            continue;
+        };
+        match ctx.backend.retire_root(&root) {
+            Ok(()) => {
+                if let Some(r) = state.roots.iter_mut().find(|r| r.id == id) {
+                    r.backend_retired = true;
+                }
+                ctx.may_act()?;
+                save(store, &mut state)?;
+            }
+            Err(e) => {
+                tracing::warn!(root = %id, error = %e, "cannot retire the root at its backend; will retry");
+                held.push(format!(
+                    "root {id} is retired but its backend refused to stop it issuing: {e}"
+                ));
+            }
+        }
+    }
     Ok(Report {
         steps,
         clusters: obs,
@@ -485,6 +512,12 @@ fn apply_request(
                 return Err(Error::Refused(format!(
                     "a root rotation is already in progress (phase {}); run `cactl rotate` to advance it or `cactl rotate --root --abort`",
                     state.root_rotation.phase.name()
+                )));
+            }
+            if *cross_sign && !ctx.backend.can_cross_sign() {
+                return Err(Error::Refused(format!(
+                    "the {} root backend cannot cross-sign (the new root's key never leaves it); start the rotation without --cross-sign",
+                    ctx.backend.name()
                 )));
             }
             let old = state

@@ -157,6 +157,12 @@ pub struct RootRecord {
     /// rotation with cross-signing switched to it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cross_signed_pem: Option<String>,
+    /// Where the backend keeps it: the Vault PKI issuer id, or the Vault KV secret path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend_ref: Option<String>,
+    /// The backend has taken a retired root's right to issue away.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub backend_retired: bool,
 }
 
 /// One issued intermediate CA with its key.
@@ -341,10 +347,10 @@ pub trait StateStore {
 pub trait LockGuard {}
 
 /// Opens the store `loaded`'s configuration selects.
-pub fn open(loaded: &crate::config::Loaded) -> Box<dyn StateStore + Send + Sync> {
+pub fn open(loaded: &crate::config::Loaded) -> Result<Box<dyn StateStore + Send + Sync>, Error> {
     use crate::config::StoreKind;
     let s = &loaded.config.state;
-    match s.store {
+    Ok(match s.store {
         StoreKind::File => Box::new(file::FileStore::new(loaded.state_dir())),
         StoreKind::Kubernetes => Box::new(kube::KubeStore::new(
             kube::Home {
@@ -354,7 +360,22 @@ pub fn open(loaded: &crate::config::Loaded) -> Box<dyn StateStore + Send + Sync>
             &s.namespace,
             &s.secret,
         )),
-    }
+        StoreKind::VaultKv => {
+            let vault = crate::vault::Vault::new(
+                &loaded.config.vault,
+                &loaded.resolve(std::path::Path::new("")),
+            )
+            .map_err(|e| Error::Remote {
+                location: format!("Vault KV {}/{}", s.kv_mount, s.kv_path),
+                reason: e.to_string(),
+            })?;
+            Box::new(crate::vault::kv::VaultKvStore::new(
+                vault,
+                &s.kv_mount,
+                &s.kv_path,
+            ))
+        }
+    })
 }
 
 #[cfg(test)]

@@ -1,0 +1,251 @@
+//! The `vault-pki` root backend: the mesh root is an issuer in a Vault PKI mount and its key
+//! never leaves Vault. cactl makes each intermediate's key itself, sends a CSR to
+//! `issuer/<root>/sign-intermediate`, and trusts nothing in the answer until it has checked it
+//! (the caller verifies CA flag, pathLen, key and chain; here the issuer must be the pinned
+//! root). A root rotation creates a new issuer in the same mount; retiring one leaves it in
+//! the mount but takes away its right to issue.
+
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use super::Vault;
+use crate::backend::{Error, RootAuthority};
+use crate::pki::cert::CertInfo;
+use crate::pki::key::{KeyAlgorithm, SecretKey};
+use crate::pki::pem;
+use crate::pki::template::{IntermediateSpec, RootSpec};
+use crate::state::{RootOrigin, RootRecord, RootStatus};
+
+/// A PKI mount holding the root.
+#[derive(Debug)]
+pub struct VaultPki {
+    vault: Vault,
+    mount: String,
+    adopt: Option<String>,
+}
+
+impl VaultPki {
+    /// The backend for PKI mount `mount`; `adopt` names an existing issuer to adopt at init.
+    pub fn new(vault: Vault, mount: &str, adopt: Option<String>) -> Self {
+        Self {
+            vault,
+            mount: mount.trim_matches('/').to_owned(),
+            adopt,
+        }
+    }
+
+    fn invalid(&self, path: &str, reason: impl Into<String>) -> Error {
+        super::Error::Invalid {
+            addr: self.vault.addr().to_owned(),
+            path: path.to_owned(),
+            reason: reason.into(),
+        }
+        .into()
+    }
+
+    fn issuer_ref<'a>(&self, root: &'a RootRecord) -> Result<&'a str, Error> {
+        root.backend_ref.as_deref().ok_or_else(|| Error::Root {
+            id: root.id.clone(),
+            reason: "no Vault issuer recorded for it (was it made by another root backend?)".into(),
+        })
+    }
+
+    /// A root record for the issuer certificate `cert_pem` with id `issuer_id`.
+    fn record(
+        &self,
+        path: &str,
+        id: &str,
+        cert_pem: &str,
+        issuer_id: &str,
+        origin: RootOrigin,
+        now: OffsetDateTime,
+    ) -> Result<RootRecord, Error> {
+        let ders = pem::certificates(cert_pem).map_err(|e| self.invalid(path, e.to_string()))?;
+        let info = CertInfo::from_der(&ders[0]).map_err(|e| self.invalid(path, e.to_string()))?;
+        if !info.is_ca() || !info.key_cert_sign || !info.is_self_issued() {
+            return Err(self.invalid(
+                path,
+                format!(
+                    "issuer {issuer_id} is not a self-signed CA with keyCertSign ({})",
+                    info.subject
+                ),
+            ));
+        }
+        Ok(RootRecord {
+            id: id.to_owned(),
+            cert_pem: pem::encode_cert(&ders[0]),
+            key_pem: None,
+            status: RootStatus::Active,
+            origin,
+            created_at: now,
+            retired_at: None,
+            cross_signed_pem: None,
+            backend_ref: Some(issuer_id.to_owned()),
+            backend_retired: false,
+        })
+    }
+}
+
+/// Vault's `key_type` / `key_bits` for an algorithm.
+fn key_params(algorithm: KeyAlgorithm) -> (&'static str, u32) {
+    match algorithm {
+        KeyAlgorithm::EcdsaP256 => ("ec", 256),
+        KeyAlgorithm::EcdsaP384 => ("ec", 384),
+        KeyAlgorithm::Rsa2048 => ("rsa", 2048),
+        KeyAlgorithm::Rsa3072 => ("rsa", 3072),
+        KeyAlgorithm::Rsa4096 => ("rsa", 4096),
+    }
+}
+
+/// The certificates of a `ca_chain` field, which servers send as a list of PEM strings or as
+/// one PEM string.
+pub fn ca_chain(v: &Value) -> Vec<Vec<u8>> {
+    let texts: Vec<&str> = match v {
+        Value::Array(items) => items.iter().filter_map(Value::as_str).collect(),
+        Value::String(s) => vec![s.as_str()],
+        _ => Vec::new(),
+    };
+    texts
+        .into_iter()
+        .filter_map(|t| pem::certificates(t).ok())
+        .flatten()
+        .collect()
+}
+
+impl RootAuthority for VaultPki {
+    fn name(&self) -> &'static str {
+        "vault-pki"
+    }
+
+    fn existing_root(&self, id: &str, now: OffsetDateTime) -> Result<Option<RootRecord>, Error> {
+        let Some(adopt) = &self.adopt else {
+            return Ok(None);
+        };
+        let path = format!("{}/issuer/{adopt}", self.mount);
+        let v = self
+            .vault
+            .read(&path)?
+            .ok_or_else(|| self.invalid(&path, format!("no issuer {adopt:?} in the mount")))?;
+        let cert = v["data"]["certificate"]
+            .as_str()
+            .ok_or_else(|| self.invalid(&path, "no certificate"))?;
+        let issuer_id = v["data"]["issuer_id"].as_str().unwrap_or(adopt);
+        self.record(&path, id, cert, issuer_id, RootOrigin::Imported, now)
+            .map(Some)
+    }
+
+    fn create_root(
+        &self,
+        id: &str,
+        spec: &RootSpec,
+        algorithm: KeyAlgorithm,
+        now: OffsetDateTime,
+    ) -> Result<RootRecord, Error> {
+        let path = format!("{}/issuers/generate/root/internal", self.mount);
+        let (key_type, key_bits) = key_params(algorithm);
+        let v = self
+            .vault
+            .write(
+                &path,
+                json!({
+                    "common_name": spec.common_name,
+                    "organization": spec.organization,
+                    "ttl": format!("{}s", spec.lifetime.whole_seconds()),
+                    "key_type": key_type,
+                    "key_bits": key_bits,
+                    "issuer_name": id,
+                    "key_name": id,
+                    "exclude_cn_from_sans": true,
+                }),
+            )?
+            .ok_or_else(|| self.invalid(&path, "empty answer"))?;
+        let d = &v["data"];
+        if d.get("private_key").is_some_and(|k| !k.is_null()) {
+            return Err(self.invalid(
+                &path,
+                "Vault returned the root's private key; refusing an exported root",
+            ));
+        }
+        let cert = d["certificate"]
+            .as_str()
+            .ok_or_else(|| self.invalid(&path, "no certificate"))?;
+        let issuer_id = d["issuer_id"]
+            .as_str()
+            .ok_or_else(|| self.invalid(&path, "no issuer_id"))?;
+        self.record(&path, id, cert, issuer_id, RootOrigin::Generated, now)
+    }
+
+    fn sign_intermediate(
+        &self,
+        root: &RootRecord,
+        spec: &IntermediateSpec,
+        key: &SecretKey,
+    ) -> Result<Vec<u8>, Error> {
+        let issuer = self.issuer_ref(root)?;
+        let path = format!("{}/issuer/{issuer}/sign-intermediate", self.mount);
+        let csr = crate::pki::template::intermediate_csr(spec, key)?;
+        let v = self
+            .vault
+            .write(
+                &path,
+                json!({
+                    "csr": csr,
+                    "common_name": spec.common_name,
+                    "organization": spec.organization,
+                    "ou": spec.cluster,
+                    "ttl": format!("{}s", spec.lifetime.whole_seconds()),
+                    "max_path_length": 0,
+                    "use_csr_values": false,
+                    "exclude_cn_from_sans": true,
+                    "format": "pem",
+                }),
+            )?
+            .ok_or_else(|| self.invalid(&path, "empty answer"))?;
+        let d = &v["data"];
+        let cert = d["certificate"]
+            .as_str()
+            .ok_or_else(|| self.invalid(&path, "no certificate"))?;
+        let der = pem::certificates(cert).map_err(|e| self.invalid(&path, e.to_string()))?;
+        // The issuer Vault used must be the pinned root, whichever shape the chain came in.
+        let pinned = pem::certificates(&root.cert_pem)?;
+        let mut above = ca_chain(&d["ca_chain"]);
+        above.extend(ca_chain(&d["issuing_ca"]));
+        if !above.iter().any(|c| *c == pinned[0]) {
+            return Err(self.invalid(
+                &path,
+                format!(
+                    "the certificate was not issued by the pinned root {} (issuer {issuer})",
+                    root.id
+                ),
+            ));
+        }
+        if let Some(w) = v["warnings"].as_array().filter(|w| !w.is_empty()) {
+            tracing::warn!(warnings = ?w, path = %path, "Vault warned while signing the intermediate");
+        }
+        Ok(der[0].clone())
+    }
+
+    fn can_cross_sign(&self) -> bool {
+        false
+    }
+
+    fn cross_sign(
+        &self,
+        subject: &RootRecord,
+        _issuer: &RootRecord,
+        _now: OffsetDateTime,
+    ) -> Result<Vec<u8>, Error> {
+        Err(Error::Root {
+            id: subject.id.clone(),
+            reason: "cross-signing needs the new root's key in a CSR, which a vault-pki root never leaves Vault for; rotate without --cross-sign".into(),
+        })
+    }
+
+    fn retire_root(&self, root: &RootRecord) -> Result<(), Error> {
+        let issuer = self.issuer_ref(root)?;
+        let path = format!("{}/issuer/{issuer}", self.mount);
+        self.vault
+            .patch(&path, json!({"usage": "read-only,crl-signing"}))?;
+        Ok(())
+    }
+}

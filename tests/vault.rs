@@ -1,0 +1,466 @@
+//! Vault-backed deployments against a real OpenBao dev server: the root in the PKI engine (its
+//! key never leaves it), the journal in KV v2 with check-and-set, token renewal, AppRole login
+//! with the documented least-privilege policy, root rotation across two issuers, and faults
+//! (sealed, token revoked, server stopped) that change nothing and leave signing running.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cactl::config::{VaultAuth, VaultConfig};
+use cactl::state::{self, StateStore};
+use cactl::vault::Vault;
+use common::kube_standin::StandIn;
+use common::{Env, Server, json};
+use serde_json::Value;
+
+/// A running `bao server -dev` on a loopback port, stopped on drop.
+struct Bao {
+    bin: PathBuf,
+    child: Option<Child>,
+    addr: String,
+}
+
+fn bao_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CACTL_BAO") {
+        return Some(PathBuf::from(p));
+    }
+    if Command::new("bao")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        return Some(PathBuf::from("bao"));
+    }
+    if std::env::var_os("CACTL_REQUIRE_INTEROP").is_some() {
+        panic!("OpenBao (bao) is required (CACTL_REQUIRE_INTEROP is set) but was not found");
+    }
+    eprintln!("SKIP: OpenBao (bao) not found; run tests/run.sh to install it");
+    None
+}
+
+impl Bao {
+    fn start() -> Option<Self> {
+        let bin = bao_bin()?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("http://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args([
+                "server",
+                "-dev",
+                "-dev-root-token-id=root",
+                &format!("-dev-listen-address=127.0.0.1:{port}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start bao");
+        let bao = Self {
+            bin,
+            child: Some(child),
+            addr,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while bao.cli(&["status"]).0 != 0 {
+            assert!(Instant::now() < deadline, "OpenBao did not come up");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bao.ok(&["secrets", "enable", "pki"]);
+        bao.ok(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"]);
+        Some(bao)
+    }
+
+    fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(&self.bin)
+            .args(args)
+            .env("BAO_ADDR", &self.addr)
+            .env("BAO_TOKEN", "root")
+            .env_remove("VAULT_ADDR")
+            .env_remove("VAULT_TOKEN")
+            .output()
+            .expect("run bao");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.cli(args);
+        assert_eq!(code, 0, "bao {args:?}: {out}{err}");
+        out
+    }
+
+    /// Runs with `-format=json` placed before the first flag or path.
+    fn json(&self, args: &[&str]) -> Value {
+        let at = args
+            .iter()
+            .position(|a| a.starts_with('-') || a.contains('/'))
+            .unwrap_or(args.len());
+        let mut a = args[..at].to_vec();
+        a.push("-format=json");
+        a.extend_from_slice(&args[at..]);
+        json(&self.ok(&a))
+    }
+
+    /// A token with `policy` (renewable, `ttl`).
+    fn token(&self, policy: &str, ttl: &str) -> String {
+        let v = self.json(&[
+            "token",
+            "create",
+            &format!("-policy={policy}"),
+            &format!("-ttl={ttl}"),
+            "-explicit-max-ttl=1h",
+        ]);
+        v["auth"]["client_token"].as_str().unwrap().to_owned()
+    }
+
+    fn policy(&self) {
+        let p = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/vault/cactl-policy.hcl");
+        self.ok(&["policy", "write", "cactl", p]);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A config using `bao` with a token of the cactl policy in `vault-token`.
+fn setup(env: &Env, bao: &Bao, extra: &str) {
+    bao.policy();
+    env.write("vault-token", bao.token("cactl", "1h"));
+    env.write(
+        "cactl.yaml",
+        format!(
+            "vault:\n  address: {}\n  auth:\n    method: token\n    token_file: vault-token\n{extra}",
+            bao.addr
+        ),
+    );
+}
+
+/// The state document, byte for byte.
+fn state_dir(env: &Env) -> String {
+    env.read("cactl-state/state.json")
+}
+
+#[test]
+fn the_root_lives_in_vault_pki_and_intermediates_chain_to_it() {
+    let Some(bao) = Bao::start() else { return };
+    let env = Env::new();
+    setup(
+        &env,
+        &bao,
+        "root:\n  backend: vault-pki\nclusters:\n- name: east\n- name: west\n",
+    );
+    env.ok(&["init"]);
+    env.ok(&["issue", "east"]);
+    env.ok(&["issue", "west"]);
+    let st = json(&env.ok(&["--output", "json", "status"]));
+    assert_eq!(st["roots"][0]["key_in_state"], false, "{st}");
+    // The bundle is Vault's issuer, byte for byte.
+    let issuers = bao.json(&["list", "pki/issuers"]);
+    let ids = issuers.as_array().unwrap();
+    assert_eq!(ids.len(), 1);
+    let issuer = bao.json(&["read", &format!("pki/issuer/{}", ids[0].as_str().unwrap())]);
+    let vault_root = issuer["data"]["certificate"]
+        .as_str()
+        .unwrap()
+        .trim()
+        .to_owned();
+    assert_eq!(env.ok(&["bundle"]).trim(), vault_root);
+    assert_eq!(issuer["data"]["issuer_name"], "root-1");
+    // Its key is Vault's own: the issuer names a key of Vault's, and nothing in cactl's state
+    // holds a key for it (the two private keys are the intermediates').
+    let key_id = issuer["data"]["key_id"].as_str().unwrap();
+    let key = bao.json(&["read", &format!("pki/key/{key_id}")]);
+    assert_eq!(key["data"]["key_type"], "ec");
+    let state_text = env.read("cactl-state/state.json");
+    assert_eq!(state_text.matches("PRIVATE KEY-----\\n").count() / 2, 2);
+    // Interop oracles: istiod's load checks, openssl -x509_strict against Vault's root, Go.
+    env.write("vault-root.pem", format!("{vault_root}\n"));
+    for c in ["east", "west"] {
+        env.ok(&["export", c, "--out", "out"]);
+        env.ok(&["verify", &format!("out/{c}")]);
+        let v = common::openssl(
+            &[
+                "verify",
+                "-x509_strict",
+                "-CAfile",
+                "vault-root.pem",
+                &format!("out/{c}/ca-cert.pem"),
+            ],
+            &env.path(""),
+        );
+        assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+        if let Some(bin) = common::gocheck() {
+            let (code, out) = common::tool(
+                &bin,
+                &["cacerts", env.path(&format!("out/{c}")).to_str().unwrap()],
+                &env.path(""),
+            );
+            assert_eq!(code, 0, "{out}");
+        }
+    }
+    // Name constraints cannot be written by Vault: refused up front.
+    env.write(
+        "cactl.yaml",
+        format!("vault:\n  address: {}\nroot:\n  backend: vault-pki\nintermediate:\n  name_constraints: true\n", bao.addr),
+    );
+    let err = env.fails(&["status"], 2);
+    assert!(err.contains("cannot write URI name constraints"), "{err}");
+}
+
+#[test]
+fn state_in_vault_kv_with_check_and_set_and_applole_login() {
+    let Some(bao) = Bao::start() else { return };
+    bao.policy();
+    bao.ok(&["auth", "enable", "approle"]);
+    bao.ok(&[
+        "write",
+        "auth/approle/role/cactl",
+        "token_policies=cactl",
+        "token_ttl=5m",
+    ]);
+    let role_id = bao.json(&["read", "auth/approle/role/cactl/role-id"])["data"]["role_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let secret = bao.json(&["write", "-f", "auth/approle/role/cactl/secret-id"]);
+    let env = Env::new();
+    env.write("secret-id", secret["data"]["secret_id"].as_str().unwrap());
+    env.write(
+        "cactl.yaml",
+        format!(
+            "vault:\n  address: {}\n  auth:\n    method: approle\n    role_id: {role_id}\n    secret_id_file: secret-id\n\
+             root:\n  backend: vault-kv\nstate:\n  store: vault-kv\nclusters:\n- name: east\n",
+            bao.addr
+        ),
+    );
+    env.ok(&["init"]);
+    env.ok(&["issue", "east"]);
+    assert!(!env.path("cactl-state/state.json").exists());
+    // The journal is split into fields of one KV version; the root is in its own secret.
+    let kv = bao.json(&["kv", "get", "secret/cactl/state"]);
+    let fields = kv["data"]["data"].as_object().unwrap();
+    let mut names: Vec<&str> = fields.keys().map(String::as_str).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["cluster.east", "meta", "roots"]);
+    assert_eq!(kv["data"]["metadata"]["version"], 2);
+    assert!(!fields["roots"].as_str().unwrap().contains("PRIVATE KEY"));
+    let root = bao.json(&["kv", "get", "secret/cactl/roots/root-1"]);
+    assert!(
+        root["data"]["data"]["private_key"]
+            .as_str()
+            .unwrap()
+            .contains("PRIVATE KEY")
+    );
+    let st = json(&env.ok(&["--output", "json", "status"]));
+    assert_eq!(st["state_revision"], 2);
+    assert_eq!(st["clusters"][0]["intermediate"]["root"], "root-1");
+    let err = env.fails(&["init"], 1);
+    assert!(err.contains("already exists"), "{err}");
+    env.ok(&["export", "east", "--out", "out"]);
+    env.ok(&["verify", "out/east"]);
+
+    // Two writers read revision 2: the first save wins, the second is refused by Vault.
+    let cfg = VaultConfig {
+        address: Some(bao.addr.clone()),
+        auth: VaultAuth {
+            method: cactl::config::VaultAuthMethod::Token,
+            token_file: Some(env.write("root-token", "root")),
+            ..VaultAuth::default()
+        },
+        ..VaultConfig::default()
+    };
+    let store = || {
+        cactl::vault::kv::VaultKvStore::new(
+            Vault::new(&cfg, &env.path("")).unwrap(),
+            "secret",
+            "cactl/state",
+        )
+    };
+    let (a, b) = (store(), store());
+    let mut sa = a.load().unwrap().unwrap();
+    let mut sb = b.load().unwrap().unwrap();
+    sa.revision += 1;
+    sa.sequence += 10;
+    sb.revision += 1;
+    a.save(&sa).unwrap();
+    match b.save(&sb) {
+        Err(state::Error::Conflict { found: 3, .. }) => {}
+        other => panic!("{other:?}"),
+    }
+    // A stale writer that raced on the KV version itself is refused by check-and-set.
+    let mut next = a.load().unwrap().unwrap();
+    let mut racer = b.load().unwrap().unwrap();
+    racer.revision += 1;
+    b.save(&racer).unwrap();
+    next.revision += 1;
+    assert!(matches!(a.save(&next), Err(state::Error::Conflict { .. })));
+}
+
+#[test]
+fn a_renewable_token_is_renewed() {
+    let Some(bao) = Bao::start() else { return };
+    bao.policy();
+    let env = Env::new();
+    env.write("t", bao.token("cactl", "30s"));
+    let cfg = VaultConfig {
+        address: Some(bao.addr.clone()),
+        auth: VaultAuth {
+            token_file: Some(env.path("t")),
+            ..VaultAuth::default()
+        },
+        ..VaultConfig::default()
+    };
+    let v = Vault::new(&cfg, &env.path("")).unwrap();
+    let before = v.lookup_self().unwrap();
+    assert!(before.renewable && before.creation_ttl == 30, "{before:?}");
+    std::thread::sleep(Duration::from_secs(3));
+    let aged = v.lookup_self().unwrap();
+    assert!(aged.ttl <= 27, "{aged:?}");
+    let renewed = v.renew().unwrap();
+    assert!(
+        renewed.ttl >= 29,
+        "renewal did not extend the token: {renewed:?}"
+    );
+}
+
+#[test]
+fn faults_change_nothing_and_signing_continues() {
+    let Some(mut bao) = Bao::start() else { return };
+    let env = Env::new();
+    setup(
+        &env,
+        &bao,
+        "root:\n  backend: vault-pki\nrotation:\n  interval: 0s\nclusters:\n- name: east\n  auth:\n    dev_issuer: true\n",
+    );
+    env.ok(&["init"]);
+    env.ok(&["issue", "east"]);
+    let before = state_dir(&env);
+    // A revoked token: denied, named, nothing changed.
+    let token = env.read("vault-token");
+    bao.ok(&["token", "revoke", token.trim()]);
+    let err = env.fails(&["issue", "east"], 1);
+    assert!(
+        err.contains(&format!("Vault at {} denied pki/issuer/", bao.addr))
+            && err.contains("sign-intermediate"),
+        "{err}"
+    );
+    assert_eq!(state_dir(&env), before);
+    env.write("vault-token", bao.token("cactl", "1h"));
+    // Sealed: named, nothing changed.
+    bao.ok(&["operator", "seal"]);
+    let err = env.fails(&["issue", "east"], 1);
+    assert!(
+        err.contains(&format!("Vault at {} is sealed", bao.addr)),
+        "{err}"
+    );
+    assert_eq!(state_dir(&env), before);
+    // Vault gone while the signing service runs: signing goes on with the intermediates it has.
+    let server = Server::start(&env, &["--plaintext-listen", "127.0.0.1:0"]);
+    bao.stop();
+    let err = env.fails(&["rotate", "east", "--now"], 1);
+    assert!(
+        err.contains(&format!("Vault at {} is unreachable", bao.addr)),
+        "{err}"
+    );
+    assert_eq!(state_dir(&env), before);
+    let token = env.ok(&[
+        "dev-token",
+        "--namespace",
+        "demo",
+        "--service-account",
+        "app",
+    ]);
+    let out = env.ok(&[
+        "request",
+        "--addr",
+        &server.grpc,
+        "--server-name",
+        "cactl.cactl-system.svc",
+        "--token",
+        token.trim(),
+        "--cluster-id",
+        "east",
+        "--identity",
+        "spiffe://cluster.local/ns/demo/sa/app",
+        "--out",
+        "got",
+    ]);
+    assert!(out.contains("got 3 element(s)"), "{out}");
+}
+
+#[test]
+fn root_rotation_with_vault_pki_uses_two_issuers_and_retires_the_old_one() {
+    let Some(bao) = Bao::start() else { return };
+    let ext = StandIn::start("ext");
+    for ns in ["istio-system", "default"] {
+        ext.add_namespace(ns);
+    }
+    let env = Env::new();
+    ext.kubeconfig(&env.path("kube/ext.yaml"));
+    setup(
+        &env,
+        &bao,
+        "root:\n  backend: vault-pki\nrotation:\n  soak: 1s\npush:\n  attempts: 1\n\
+         clusters:\n- name: ext\n  kubeconfig: kube/ext.yaml\n  mode: external\n",
+    );
+    env.ok(&["init"]);
+    env.ok(&["issue", "ext"]);
+    env.ok(&["push"]);
+    let err = env.fails(&["rotate", "--root", "--cross-sign"], 1);
+    assert!(err.contains("cannot cross-sign"), "{err}");
+    let st = json(&env.ok(&["--output", "json", "status"]));
+    assert_eq!(
+        st["rotation"]["root_rotation"]["phase"], "stable",
+        "a refused start changes nothing"
+    );
+    env.ok(&["rotate", "--root"]);
+    let issuers = bao.json(&["list", "pki/issuers"]);
+    assert_eq!(issuers.as_array().unwrap().len(), 2, "{issuers}");
+    assert_eq!(env.ok(&["bundle"]).matches("BEGIN CERTIFICATE").count(), 2);
+    let mut phases = vec!["publish".to_owned()];
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(1100));
+        let r = json(&env.ok(&["--output", "json", "rotate"]));
+        let p = r["phase"]["phase"].as_str().unwrap().to_owned();
+        if phases.last() != Some(&p) {
+            phases.push(p.clone());
+        }
+        if p == "stable" {
+            break;
+        }
+    }
+    assert_eq!(phases, ["publish", "switch", "retire", "stable"]);
+    let st = json(&env.ok(&["--output", "json", "status"]));
+    assert_eq!(st["roots"][0]["status"], "retired");
+    let bundle = env.ok(&["bundle"]);
+    assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 1);
+    // The old issuer stays in the mount but may no longer issue; the new one signs.
+    let old = bao.json(&["read", "pki/issuer/root-1"]);
+    assert_eq!(old["data"]["usage"], "crl-signing,read-only", "{old}");
+    let new_id = st["roots"][1]["id"].as_str().unwrap();
+    let new = bao.json(&["read", &format!("pki/issuer/{new_id}")]);
+    assert_eq!(
+        new["data"]["certificate"].as_str().unwrap().trim(),
+        bundle.trim()
+    );
+    assert_eq!(st["clusters"][0]["intermediate"]["root"], new_id);
+}
