@@ -560,13 +560,15 @@ fn rotation_thread(
                 return;
             }
         };
-        let mut tick = tokio::time::interval(loaded.config.rotation.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let interval = loaded.config.rotation.interval;
+        let mut wait = std::time::Duration::ZERO;
+        let mut last = crate::rotation::record::LastRun::load(&loaded);
         loop {
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
-                _ = tick.tick() => {}
+                () = tokio::time::sleep(wait) => {}
             }
+            wait = interval;
             if !fence.may_act() {
                 continue;
             }
@@ -582,7 +584,7 @@ fn rotation_thread(
                 tracing::info!(step = ?s, "rotation");
             })
             .await;
-            let outcome = match result {
+            let outcome = match &result {
                 Ok(r) => {
                     metrics.root_phase.set(match r.phase.name() {
                         "publish" => 1,
@@ -595,11 +597,23 @@ fn rotation_thread(
                     }
                     if r.held.iter().any(|h| !h.contains("soaking")) { "held" } else { "ok" }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "rotation run failed; retrying at the next interval");
-                    "failed"
-                }
+                Err(_) => "failed",
             };
+            let failures = if result.is_ok() { 0 } else { last.failures + 1 };
+            wait = crate::rotation::record::backoff(failures, interval);
+            if let Err(e) = &result {
+                tracing::warn!(error = %e, retry_in = ?wait, "rotation run failed; retrying with backoff");
+            }
+            last = crate::rotation::record::LastRun::after(
+                &last,
+                "cactl serve",
+                now,
+                result.map(|r| r.held).map_err(|e| e.to_string()),
+                time::Duration::try_from(wait).ok().map(|w| now + w),
+            );
+            if let Err(e) = last.save(&loaded) {
+                tracing::warn!(error = %e, "cannot record the rotation run");
+            }
             metrics
                 .rotation_runs
                 .get_or_create(&crate::telemetry::ReasonLabel {

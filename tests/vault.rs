@@ -21,6 +21,10 @@ struct Bao {
     bin: PathBuf,
     child: Option<Child>,
     addr: String,
+    /// With TLS: the directory holding `vault-ca.pem`.
+    tls: Option<tempfile::TempDir>,
+    /// Namespace for CLI calls.
+    namespace: Option<String>,
 }
 
 fn bao_bin() -> Option<PathBuf> {
@@ -43,20 +47,31 @@ fn bao_bin() -> Option<PathBuf> {
 
 impl Bao {
     fn start() -> Option<Self> {
+        Self::start_with(false)
+    }
+
+    fn start_with(tls: bool) -> Option<Self> {
         let bin = bao_bin()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let addr = format!("http://127.0.0.1:{port}");
+        let tls = tls.then(|| tempfile::tempdir().unwrap());
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let addr = format!("{scheme}://127.0.0.1:{port}");
+        let mut args = vec![
+            "server".to_owned(),
+            "-dev".to_owned(),
+            "-dev-root-token-id=root".to_owned(),
+            format!("-dev-listen-address=127.0.0.1:{port}"),
+        ];
+        if let Some(d) = &tls {
+            args.push("-dev-tls".into());
+            args.push(format!("-dev-tls-cert-dir={}", d.path().display()));
+        }
         let child = Command::new(&bin)
-            .args([
-                "server",
-                "-dev",
-                "-dev-root-token-id=root",
-                &format!("-dev-listen-address=127.0.0.1:{port}"),
-            ])
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -65,26 +80,42 @@ impl Bao {
             bin,
             child: Some(child),
             addr,
+            tls,
+            namespace: None,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while bao.cli(&["status"]).0 != 0 {
             assert!(Instant::now() < deadline, "OpenBao did not come up");
             std::thread::sleep(Duration::from_millis(100));
         }
-        bao.ok(&["secrets", "enable", "pki"]);
-        bao.ok(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"]);
+        bao.pki();
         Some(bao)
     }
 
+    fn pki(&self) {
+        self.ok(&["secrets", "enable", "pki"]);
+        self.ok(&["secrets", "tune", "-max-lease-ttl=87600h", "pki"]);
+    }
+
+    fn ca(&self) -> Option<PathBuf> {
+        self.tls.as_ref().map(|d| d.path().join("vault-ca.pem"))
+    }
+
     fn cli(&self, args: &[&str]) -> (i32, String, String) {
-        let out = Command::new(&self.bin)
-            .args(args)
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(args)
             .env("BAO_ADDR", &self.addr)
             .env("BAO_TOKEN", "root")
             .env_remove("VAULT_ADDR")
-            .env_remove("VAULT_TOKEN")
-            .output()
-            .expect("run bao");
+            .env_remove("VAULT_TOKEN");
+        if let Some(ca) = self.ca() {
+            cmd.env("BAO_CACERT", ca);
+        }
+        match &self.namespace {
+            Some(ns) => cmd.env("BAO_NAMESPACE", ns),
+            None => cmd.env_remove("BAO_NAMESPACE"),
+        };
+        let out = cmd.output().expect("run bao");
         (
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -217,6 +248,25 @@ fn the_root_lives_in_vault_pki_and_intermediates_chain_to_it() {
             assert_eq!(code, 0, "{out}");
         }
     }
+    // Vault signing with another issuer than the pinned root is caught, and nothing changes.
+    let other = bao.json(&[
+        "write",
+        "pki/issuers/generate/root/internal",
+        "common_name=other",
+        "key_type=ec",
+    ]);
+    let other_id = other["data"]["issuer_id"].as_str().unwrap();
+    let root_id = issuer["data"]["issuer_id"].as_str().unwrap();
+    let tampered = env
+        .read("cactl-state/state.json")
+        .replace(root_id, other_id);
+    env.write("cactl-state/state.json", &tampered);
+    let err = env.fails(&["issue", "east"], 1);
+    assert!(
+        err.contains("was not issued by the pinned root root-1"),
+        "{err}"
+    );
+    assert_eq!(env.read("cactl-state/state.json"), tampered);
     // Name constraints cannot be written by Vault: refused up front.
     env.write(
         "cactl.yaml",
@@ -463,4 +513,85 @@ fn root_rotation_with_vault_pki_uses_two_issuers_and_retires_the_old_one() {
         bundle.trim()
     );
     assert_eq!(st["clusters"][0]["intermediate"]["root"], new_id);
+}
+
+#[test]
+fn kubernetes_login_over_tls_in_a_namespace() {
+    let Some(mut bao) = Bao::start_with(true) else {
+        return;
+    };
+    let home = StandIn::start("home");
+    let env = Env::new();
+    bao.ok(&["namespace", "create", "team-a"]);
+    bao.namespace = Some("team-a".into());
+    bao.pki();
+    bao.policy();
+    bao.ok(&["auth", "enable", "kubernetes"]);
+    env.write("home-ca.pem", &home.ca_pem);
+    let reviewer = common::kube_standin::ADMIN_TOKEN;
+    bao.ok(&[
+        "write",
+        "auth/kubernetes/config",
+        &format!("kubernetes_host=https://{}", home.addr),
+        &format!("kubernetes_ca_cert=@{}", env.path("home-ca.pem").display()),
+        &format!("token_reviewer_jwt={reviewer}"),
+        "disable_local_ca_jwt=true",
+    ]);
+    bao.ok(&[
+        "write",
+        "auth/kubernetes/role/cactl",
+        "bound_service_account_names=cactl",
+        "bound_service_account_namespaces=cactl-system",
+        "token_policies=cactl",
+        "token_ttl=5m",
+    ]);
+    env.write(
+        "sa-token",
+        home.token("cactl-system", "cactl", None, "vault", 600),
+    );
+    let ca = bao.ca().unwrap();
+    let config = |ca_line: &str| {
+        format!(
+            "vault:\n  address: {}\n  namespace: team-a\n{ca_line}  auth:\n    method: kubernetes\n    role: cactl\n    jwt_file: sa-token\n\
+             root:\n  backend: vault-pki\nclusters:\n- name: east\n",
+            bao.addr
+        )
+    };
+    env.write(
+        "cactl.yaml",
+        config(&format!("  ca_file: {}\n", ca.display())),
+    );
+    env.ok(&["init"]);
+    env.ok(&["issue", "east"]);
+    // The issuer lives in the namespace, not in the root namespace.
+    let issuers = bao.json(&["list", "pki/issuers"]);
+    assert_eq!(issuers.as_array().unwrap().len(), 1, "{issuers}");
+    bao.namespace = None;
+    assert_ne!(bao.cli(&["list", "pki/issuers"]).0, 0);
+    // Without the CA file, Vault's certificate is not trusted: a clear error, nothing changed.
+    let before = state_dir(&env);
+    env.write("cactl.yaml", config(""));
+    let err = env.fails(&["issue", "east"], 1);
+    assert!(
+        err.contains(&format!("Vault at {} is unreachable", bao.addr))
+            && err.contains("certificate"),
+        "{err}"
+    );
+    assert_eq!(state_dir(&env), before);
+    // A service-account token Vault's role does not accept: login fails, named.
+    env.write(
+        "sa-token",
+        home.token("default", "intruder", None, "vault", 600),
+    );
+    env.write(
+        "cactl.yaml",
+        config(&format!("  ca_file: {}\n", ca.display())),
+    );
+    let err = env.fails(&["issue", "east"], 1);
+    assert!(
+        err.contains("login failed") && err.contains("auth/kubernetes/login"),
+        "{err}"
+    );
+    assert_eq!(state_dir(&env), before);
+    bao.stop();
 }

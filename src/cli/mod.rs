@@ -755,7 +755,9 @@ fn status(cli: &Cli, now: OffsetDateTime) -> Result<()> {
         .collect();
     let policy = loaded.config.rotation_policy();
     let planned = crate::rotation::execute::plan_observed(&policy, &state, &names, &obs, now, true);
-    let rotation = output::rotation_doc(&state, &loaded.config, &policy, now, &planned, &obs);
+    let mut rotation = output::rotation_doc(&state, &loaded.config, &policy, now, &planned, &obs);
+    rotation["last_run"] =
+        serde_json::to_value(crate::rotation::record::LastRun::load(&loaded)).unwrap_or_default();
     output::status(cli.output, &loaded, &state, now, &observed, &last, rotation)
 }
 
@@ -1075,6 +1077,19 @@ fn rotate(cli: &Cli, args: &RotateArgs, now: OffsetDateTime) -> Result<()> {
         &request,
         &|step| output::rotate_step(output, step),
     ));
+    let record = crate::rotation::record::LastRun::after(
+        &crate::rotation::record::LastRun::load(&loaded),
+        "cactl rotate",
+        now,
+        report
+            .as_ref()
+            .map(|r| r.held.clone())
+            .map_err(|e| e.to_string()),
+        None,
+    );
+    if let Err(e) = record.save(&loaded) {
+        tracing::warn!(error = %e, "cannot record the rotation run");
+    }
     let pushes = fleet.push_reports();
     if !pushes.is_empty() {
         crate::trust::distribute::PushStatus::record(&loaded, &pushes, OffsetDateTime::now_utc())

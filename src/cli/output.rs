@@ -486,6 +486,26 @@ pub(super) fn rotation_doc(
 }
 
 fn rotation_text(doc: &Value) {
+    let lr = &doc["last_run"];
+    if let Some(at) = lr["at"].as_str() {
+        if lr["ok"] == true {
+            outln!(
+                "last rotation run: {at} by {}: ok",
+                lr["by"].as_str().unwrap_or("?")
+            );
+        } else {
+            outln!(
+                "last rotation run: {at} by {}: FAILED ({} in a row): {}{}",
+                lr["by"].as_str().unwrap_or("?"),
+                lr["failures"],
+                lr["error"].as_str().unwrap_or("?"),
+                lr["next_attempt"]
+                    .as_str()
+                    .map(|t| format!("; next attempt {t}"))
+                    .unwrap_or_default()
+            );
+        }
+    }
     let rr = &doc["root_rotation"];
     match rr["phase"].as_str() {
         Some("stable") | None => outln!("root rotation: none in progress"),

@@ -16,6 +16,7 @@
 //! twice, or after a crash between two steps, plans the same remaining work.
 
 pub mod execute;
+pub mod record;
 
 use std::collections::BTreeMap;
 

@@ -249,3 +249,40 @@ impl RootAuthority for VaultPki {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(cn: &str) -> String {
+        let key = SecretKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let spec = RootSpec {
+            organization: "o".into(),
+            common_name: cn.into(),
+            now: OffsetDateTime::now_utc(),
+            lifetime: time::Duration::days(1),
+        };
+        let der =
+            crate::pki::template::self_sign_root(&spec, &key, &ring::rand::SystemRandom::new())
+                .unwrap();
+        pem::encode_cert(&der)
+    }
+
+    #[test]
+    fn ca_chain_in_both_shapes() {
+        let (a, b) = (cert("a"), cert("b"));
+        let want = [
+            pem::certificates(&a).unwrap(),
+            pem::certificates(&b).unwrap(),
+        ]
+        .concat();
+        // A list of PEM strings (current servers).
+        assert_eq!(ca_chain(&json!([a.clone(), b.clone()])), want);
+        // One PEM string holding every certificate (older servers, `issuing_ca`).
+        assert_eq!(ca_chain(&json!(format!("{a}{b}"))), want);
+        assert!(ca_chain(&Value::Null).is_empty());
+        assert!(ca_chain(&json!(["not pem"])).is_empty());
+        assert_eq!(key_params(KeyAlgorithm::EcdsaP384), ("ec", 384));
+        assert_eq!(key_params(KeyAlgorithm::Rsa3072), ("rsa", 3072));
+    }
+}
