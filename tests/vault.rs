@@ -595,3 +595,178 @@ fn kubernetes_login_over_tls_in_a_namespace() {
     assert_eq!(state_dir(&env), before);
     bao.stop();
 }
+
+/// A TCP proxy in front of OpenBao that can delay every chunk it forwards, or stop OpenBao the
+/// moment the n-th request whose first line contains a pattern arrives.
+struct Proxy {
+    addr: String,
+}
+
+impl Proxy {
+    fn start(
+        upstream: &str,
+        delay: Duration,
+        kill_at: Option<(
+            &'static str,
+            usize,
+            std::sync::Arc<std::sync::Mutex<Option<Child>>>,
+        )>,
+    ) -> Self {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let seen = std::sync::Arc::new(AtomicUsize::new(0));
+        let kill_at = std::sync::Arc::new(kill_at);
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_read, mut c_write) = (server, client);
+                let seen = seen.clone();
+                let kill_at = kill_at.clone();
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = c_read.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        if let Some((pattern, nth, child)) = kill_at.as_ref() {
+                            let text = String::from_utf8_lossy(&buf[..n]);
+                            let first = text.lines().next().unwrap_or("");
+                            if first.contains(pattern)
+                                && seen.fetch_add(1, Ordering::SeqCst) + 1 == *nth
+                            {
+                                if let Some(mut c) = child.lock().unwrap().take() {
+                                    let _ = c.kill();
+                                    let _ = c.wait();
+                                }
+                                break;
+                            }
+                        }
+                        std::thread::sleep(delay);
+                        if s_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_write.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16384];
+                    while let Ok(n) = s_read.read(&mut buf) {
+                        if n == 0 || c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = c_write.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Self { addr }
+    }
+}
+
+#[test]
+fn vault_stopped_mid_rotation_leaves_no_partial_state() {
+    let Some(mut bao) = Bao::start() else { return };
+    let env = Env::new();
+    let names = ["a", "b", "c"];
+    let standins: Vec<StandIn> = names.iter().map(|n| StandIn::start(n)).collect();
+    let mut clusters = String::new();
+    for s in &standins {
+        for ns in ["istio-system", "default"] {
+            s.add_namespace(ns);
+        }
+        s.kubeconfig(&env.path(&format!("kube/{}.yaml", s.name)));
+        clusters.push_str(&format!(
+            "- name: {n}\n  kubeconfig: kube/{n}.yaml\n  mode: external\n",
+            n = s.name
+        ));
+    }
+    let child = std::sync::Arc::new(std::sync::Mutex::new(bao.child.take()));
+    // OpenBao dies as the second intermediate of the three-cluster switch is being signed
+    // (three were signed by `cactl issue` before).
+    let proxy = Proxy::start(
+        &bao.addr,
+        Duration::ZERO,
+        Some(("sign-intermediate", 5, child.clone())),
+    );
+    bao.policy();
+    env.write("vault-token", bao.token("cactl", "1h"));
+    env.write(
+        "cactl.yaml",
+        format!(
+            "vault:\n  address: {}\n  auth:\n    token_file: vault-token\nroot:\n  backend: vault-pki\nrotation:\n  soak: 1s\npush:\n  attempts: 1\nclusters:\n{clusters}",
+            proxy.addr
+        ),
+    );
+    env.ok(&["init"]);
+    for c in names {
+        env.ok(&["issue", c]);
+    }
+    env.ok(&["push"]);
+    env.ok(&["rotate", "--root"]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let err = env.fails(&["rotate"], 1);
+    assert!(
+        err.contains(&format!("Vault at {} is unreachable", proxy.addr))
+            && err.contains("sign-intermediate"),
+        "{err}"
+    );
+    assert!(
+        child.lock().unwrap().is_none(),
+        "OpenBao was not stopped mid-command"
+    );
+    // The switch was entered and saved before any signing; the round that signed one
+    // intermediate and failed on the next saved nothing: no slot holds a half-done rotation.
+    let st = json(&env.ok(&["--output", "json", "status"]));
+    assert_eq!(st["rotation"]["root_rotation"]["phase"], "switch", "{st}");
+    for c in st["rotation"]["clusters"].as_array().unwrap() {
+        assert!(c["prepared"].is_null(), "{st}");
+        assert_eq!(c["active"]["root"], "root-1", "{st}");
+    }
+    assert_eq!(st["rotation"]["last_run"]["ok"], false);
+    // Every cluster still holds {old, new} and its old intermediate: nothing lost trust.
+    for s in &standins {
+        let roots = s
+            .get("configmaps", "default", "istio-ca-root-cert")
+            .unwrap()["data"]["root-cert.pem"]
+            .as_str()
+            .unwrap()
+            .matches("BEGIN CERTIFICATE")
+            .count();
+        assert_eq!(roots, 2, "{}", s.name);
+    }
+}
+
+#[test]
+fn a_slow_vault_times_out_with_a_clear_error() {
+    let Some(bao) = Bao::start() else { return };
+    let env = Env::new();
+    let proxy = Proxy::start(&bao.addr, Duration::from_millis(1500), None);
+    bao.policy();
+    env.write("vault-token", bao.token("cactl", "1h"));
+    env.write(
+        "cactl.yaml",
+        format!(
+            "vault:\n  address: {}\n  timeout: 1s\n  auth:\n    token_file: vault-token\nroot:\n  backend: vault-pki\n",
+            proxy.addr
+        ),
+    );
+    let started = Instant::now();
+    let err = env.fails(&["init"], 1);
+    assert!(
+        err.contains(&format!("Vault at {} is unreachable", proxy.addr))
+            && err.contains("issuers/generate/root/internal"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(
+        !env.path("cactl-state/state.json").exists(),
+        "nothing saved"
+    );
+}
