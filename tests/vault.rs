@@ -596,6 +596,13 @@ fn kubernetes_login_over_tls_in_a_namespace() {
     bao.stop();
 }
 
+/// Stop this process at the n-th request whose first line contains the pattern.
+type KillAt = (
+    &'static str,
+    usize,
+    std::sync::Arc<std::sync::Mutex<Option<Child>>>,
+);
+
 /// A TCP proxy in front of OpenBao that can delay every chunk it forwards, or stop OpenBao the
 /// moment the n-th request whose first line contains a pattern arrives.
 struct Proxy {
@@ -603,15 +610,7 @@ struct Proxy {
 }
 
 impl Proxy {
-    fn start(
-        upstream: &str,
-        delay: Duration,
-        kill_at: Option<(
-            &'static str,
-            usize,
-            std::sync::Arc<std::sync::Mutex<Option<Child>>>,
-        )>,
-    ) -> Self {
+    fn start(upstream: &str, delay: Duration, kill_at: Option<KillAt>) -> Self {
         use std::io::{Read, Write};
         use std::sync::atomic::{AtomicUsize, Ordering};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
