@@ -265,6 +265,7 @@ pub async fn run(
     }
 
     // With a lease, one replica rotates and pushes; every replica signs.
+    let mut elector_task = None;
     let fence = match &config.rotation.lease {
         None => {
             let _ = metrics.leader.set(1);
@@ -286,9 +287,9 @@ pub async fn run(
                 crate::lease::Elector::new(client, &s.namespace, name, &identity, LEASE_DURATION);
             let fence = elector.fence();
             let m = metrics.clone();
-            tokio::spawn(elector.run(shutdown.clone(), move |is| {
+            elector_task = Some(tokio::spawn(elector.run(shutdown.clone(), move |is| {
                 m.leader.set(i64::from(is));
-            }));
+            })));
             fence
         }
     };
@@ -385,6 +386,10 @@ pub async fn run(
     let _ = shutdown.wait_for(|v| *v).await;
     maint.abort();
     let _ = tokio::task::spawn_blocking(move || metrics_thread.join()).await;
+    // Give the lease up before exiting, so another replica need not wait for it to expire.
+    if let Some(t) = elector_task {
+        let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+    }
     result.map_err(|e| Error::Server(e.to_string()))?;
     for r in worker_results {
         r.map_err(Error::Server)?;

@@ -792,26 +792,7 @@ fn embedded_defaults_serve_and_request_work_without_a_config() {
         !env.path("cactl.yaml").exists(),
         "embedded defaults write no config"
     );
-    let token = env.ok(&[
-        "dev-token",
-        "--namespace",
-        "demo",
-        "--service-account",
-        "app",
-    ]);
-    let out = env.ok(&[
-        "request",
-        "--addr",
-        &server.grpc,
-        "--server-name",
-        "localhost",
-        "--token",
-        token.trim(),
-        "--identity",
-        "spiffe://cluster.local/ns/demo/sa/app",
-        "--out",
-        "got",
-    ]);
+    let out = env.request_demo_app(&server.grpc, "localhost", None);
     assert!(out.contains("got 3 element(s)"), "{out}");
     let r = common::openssl(
         &[

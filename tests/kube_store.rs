@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use cactl::lease::{Elector, Outcome};
 use cactl::state::kube::{Home, KubeStore};
-use cactl::state::{self, StateStore};
+
 use common::kube_standin::StandIn;
 use common::{Env, Server, json};
 
@@ -57,32 +57,9 @@ fn state_lives_in_a_secret_and_concurrent_writers_cannot_both_win() {
         "{err}"
     );
 
-    // Two writers read revision 2; the first save wins, the second is refused.
-    let (a, b) = (store(&env), store(&env));
-    let mut sa = a.load().unwrap().unwrap();
-    let mut sb = b.load().unwrap().unwrap();
-    sa.revision += 1;
-    sa.sequence += 100;
-    sb.revision += 1;
-    a.save(&sa).unwrap();
-    match b.save(&sb) {
-        Err(state::Error::Conflict {
-            expected: 2,
-            found: 3,
-            ..
-        }) => {}
-        other => panic!("{other:?}"),
-    }
-    assert_eq!(b.load().unwrap().unwrap().sequence, sa.sequence);
-    // A writer that read the current revision but lost the resourceVersion race is refused
-    // by the API server's precondition.
-    let mut next = a.load().unwrap().unwrap();
-    next.revision += 1;
-    let mut racer = b.load().unwrap().unwrap();
-    racer.revision += 1;
-    racer.sequence += 1;
-    b.save(&racer).unwrap();
-    assert!(matches!(a.save(&next), Err(state::Error::Conflict { .. })));
+    // Two writers read revision 2; the first save wins, the second is refused (by the
+    // revision, and by the API server's resourceVersion precondition).
+    common::two_writers_one_wins(&store(&env), &store(&env));
 
     // The API server unreachable: a clear error naming the Secret, exit 1.
     home.faults
@@ -163,12 +140,8 @@ fn one_lease_holder_and_it_stops_before_another_starts() {
 #[test]
 fn serve_rotates_the_root_on_its_timer_as_the_lease_holder() {
     let home = StandIn::start("home");
-    let ext = StandIn::start("ext");
-    for ns in ["istio-system", "default"] {
-        ext.add_namespace(ns);
-    }
     let env = Env::new();
-    ext.kubeconfig(&env.path("kube/ext.yaml"));
+    let ext = StandIn::member("ext", &env);
     home_config(
         &env,
         &home,
@@ -218,14 +191,7 @@ fn serve_rotates_the_root_on_its_timer_as_the_lease_holder() {
         "{metrics}"
     );
     // The pushed bundle holds only the new root, and the server signs under it.
-    let roots = ext
-        .get("configmaps", "default", "istio-ca-root-cert")
-        .unwrap()["data"]["root-cert.pem"]
-        .as_str()
-        .unwrap()
-        .matches("BEGIN CERTIFICATE")
-        .count();
-    assert_eq!(roots, 1);
+    assert_eq!(ext.istio_root_count("default"), 1);
     assert_eq!(server.terminate(), 0);
     // On shutdown the lease is released.
     let lease = home

@@ -20,17 +20,9 @@ struct Mesh {
 }
 
 fn mesh() -> Mesh {
-    let east = StandIn::start("east");
-    let ext = StandIn::start("ext");
-    for s in [&east, &ext] {
-        for ns in ["istio-system", "default"] {
-            s.add_namespace(ns);
-        }
-    }
     let env = Env::new();
-    for s in [&east, &ext] {
-        s.kubeconfig(&env.path(&format!("kube/{}.yaml", s.name)));
-    }
+    let east = StandIn::member("east", &env);
+    let ext = StandIn::member("ext", &env);
     env.write(
         "cactl.yaml",
         "push:\n  request_timeout: 2s\n  attempts: 1\nrotation:\n  soak: 2s\nclusters:\n\

@@ -237,6 +237,11 @@ fn run(
     ))
 }
 
+/// Starts a root rotation (without cross-signing) at `T0`.
+fn start_root(world: &World, config: &Config) {
+    run(world, config, T0, &Request::StartRoot { cross_sign: false }).unwrap();
+}
+
 fn stored(world: &World) -> State {
     State::from_json(world.stored.lock().unwrap().as_ref().unwrap(), "memory").unwrap()
 }
@@ -527,13 +532,7 @@ fn an_unreachable_cluster_holds_the_mesh_and_is_named() {
     let world = World::new(Fault::None);
     bootstrap(&world, &config);
     world.unreachable.lock().unwrap().insert("west".into());
-    run(
-        &world,
-        &config,
-        T0,
-        &Request::StartRoot { cross_sign: false },
-    )
-    .unwrap();
+    start_root(&world, &config);
     let report = run(&world, &config, T0 + Duration::days(5), &Request::Due).unwrap();
     assert_eq!(report.phase.name(), "publish");
     assert_eq!(report.held.len(), 1);
@@ -561,13 +560,7 @@ fn abort_in_switch_moves_every_cluster_back_and_retires_the_new_root() {
     let config = config(365);
     let world = World::new(Fault::None);
     bootstrap(&world, &config);
-    run(
-        &world,
-        &config,
-        T0,
-        &Request::StartRoot { cross_sign: false },
-    )
-    .unwrap();
+    start_root(&world, &config);
     let r = run(&world, &config, T0 + Duration::days(1), &Request::Due).unwrap();
     assert_eq!(r.phase.name(), "switch");
     let new_root = stored(&world).roots[1].id.clone();

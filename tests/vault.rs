@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use cactl::config::{VaultAuth, VaultConfig};
-use cactl::state::{self, StateStore};
+
 use cactl::vault::Vault;
 use common::kube_standin::StandIn;
 use common::{Env, Server, json};
@@ -345,24 +345,7 @@ fn state_in_vault_kv_with_check_and_set_and_applole_login() {
             "cactl/state",
         )
     };
-    let (a, b) = (store(), store());
-    let mut sa = a.load().unwrap().unwrap();
-    let mut sb = b.load().unwrap().unwrap();
-    sa.revision += 1;
-    sa.sequence += 10;
-    sb.revision += 1;
-    a.save(&sa).unwrap();
-    match b.save(&sb) {
-        Err(state::Error::Conflict { found: 3, .. }) => {}
-        other => panic!("{other:?}"),
-    }
-    // A stale writer that raced on the KV version itself is refused by check-and-set.
-    let mut next = a.load().unwrap().unwrap();
-    let mut racer = b.load().unwrap().unwrap();
-    racer.revision += 1;
-    b.save(&racer).unwrap();
-    next.revision += 1;
-    assert!(matches!(a.save(&next), Err(state::Error::Conflict { .. })));
+    common::two_writers_one_wins(&store(), &store());
 }
 
 #[test]
@@ -432,40 +415,15 @@ fn faults_change_nothing_and_signing_continues() {
         "{err}"
     );
     assert_eq!(state_dir(&env), before);
-    let token = env.ok(&[
-        "dev-token",
-        "--namespace",
-        "demo",
-        "--service-account",
-        "app",
-    ]);
-    let out = env.ok(&[
-        "request",
-        "--addr",
-        &server.grpc,
-        "--server-name",
-        "cactl.cactl-system.svc",
-        "--token",
-        token.trim(),
-        "--cluster-id",
-        "east",
-        "--identity",
-        "spiffe://cluster.local/ns/demo/sa/app",
-        "--out",
-        "got",
-    ]);
+    let out = env.request_demo_app(&server.grpc, "cactl.cactl-system.svc", Some("east"));
     assert!(out.contains("got 3 element(s)"), "{out}");
 }
 
 #[test]
 fn root_rotation_with_vault_pki_uses_two_issuers_and_retires_the_old_one() {
     let Some(bao) = Bao::start() else { return };
-    let ext = StandIn::start("ext");
-    for ns in ["istio-system", "default"] {
-        ext.add_namespace(ns);
-    }
     let env = Env::new();
-    ext.kubeconfig(&env.path("kube/ext.yaml"));
+    let _ext = StandIn::member("ext", &env);
     setup(
         &env,
         &bao,
@@ -674,13 +632,9 @@ fn vault_stopped_mid_rotation_leaves_no_partial_state() {
     let Some(mut bao) = Bao::start() else { return };
     let env = Env::new();
     let names = ["a", "b", "c"];
-    let standins: Vec<StandIn> = names.iter().map(|n| StandIn::start(n)).collect();
+    let standins: Vec<StandIn> = names.iter().map(|n| StandIn::member(n, &env)).collect();
     let mut clusters = String::new();
     for s in &standins {
-        for ns in ["istio-system", "default"] {
-            s.add_namespace(ns);
-        }
-        s.kubeconfig(&env.path(&format!("kube/{}.yaml", s.name)));
         clusters.push_str(&format!(
             "- name: {n}\n  kubeconfig: kube/{n}.yaml\n  mode: external\n",
             n = s.name
@@ -731,14 +685,7 @@ fn vault_stopped_mid_rotation_leaves_no_partial_state() {
     assert_eq!(st["rotation"]["last_run"]["ok"], false);
     // Every cluster still holds {old, new} and its old intermediate: nothing lost trust.
     for s in &standins {
-        let roots = s
-            .get("configmaps", "default", "istio-ca-root-cert")
-            .unwrap()["data"]["root-cert.pem"]
-            .as_str()
-            .unwrap()
-            .matches("BEGIN CERTIFICATE")
-            .count();
-        assert_eq!(roots, 2, "{}", s.name);
+        assert_eq!(s.istio_root_count("default"), 2, "{}", s.name);
     }
 }
 

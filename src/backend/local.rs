@@ -65,13 +65,7 @@ impl RootAuthority for LocalRoot {
         spec: &IntermediateSpec,
         key: &SecretKey,
     ) -> Result<Vec<u8>, Error> {
-        let signer = signer(root)?;
-        Ok(template::sign_intermediate(
-            spec,
-            &key.public_key_spki(),
-            &signer,
-            &self.rng,
-        )?)
+        super::sign_with(&signer(root)?, spec, key, &self.rng)
     }
 
     fn cross_sign(
@@ -80,9 +74,7 @@ impl RootAuthority for LocalRoot {
         issuer: &RootRecord,
         now: OffsetDateTime,
     ) -> Result<Vec<u8>, Error> {
-        let signer = signer(issuer)?;
-        let der = pem::certificates(&subject.cert_pem)?;
-        Ok(template::cross_sign_root(&der[0], &signer, now, &self.rng)?)
+        super::cross_sign_with(&signer(issuer)?, subject, now, &self.rng)
     }
 }
 

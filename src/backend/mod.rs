@@ -31,6 +31,35 @@ pub enum Error {
     },
 }
 
+/// Signs an intermediate for `key` with a root whose signer is in memory (the local and
+/// vault-kv backends).
+pub(crate) fn sign_with(
+    signer: &crate::pki::template::CaSigner,
+    spec: &IntermediateSpec,
+    key: &SecretKey,
+    rng: &dyn ring::rand::SecureRandom,
+) -> Result<Vec<u8>, Error> {
+    Ok(crate::pki::template::sign_intermediate(
+        spec,
+        &key.public_key_spki(),
+        signer,
+        rng,
+    )?)
+}
+
+/// Cross-signs `subject` with a root whose signer is in memory.
+pub(crate) fn cross_sign_with(
+    signer: &crate::pki::template::CaSigner,
+    subject: &RootRecord,
+    now: OffsetDateTime,
+    rng: &dyn ring::rand::SecureRandom,
+) -> Result<Vec<u8>, Error> {
+    let der = crate::pki::pem::certificates(&subject.cert_pem)?;
+    Ok(crate::pki::template::cross_sign_root(
+        &der[0], signer, now, rng,
+    )?)
+}
+
 /// Opens the root backend `loaded`'s configuration selects.
 pub fn open(loaded: &crate::config::Loaded) -> Result<Box<dyn RootAuthority + Send + Sync>, Error> {
     use crate::config::RootBackend;

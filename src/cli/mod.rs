@@ -1056,15 +1056,8 @@ fn rotate(cli: &Cli, args: &RotateArgs, now: OffsetDateTime) -> Result<()> {
         let at = parse_at(args.at.as_deref(), now)?;
         let state = load_state(store.as_ref())?;
         let (planned, obs) = runtime.block_on(execute::plan_only(&ctx, &state, &fleet, at));
-        output::rotate_plan(
-            cli.output,
-            &state,
-            &loaded.config,
-            &ctx.policy,
-            at,
-            &planned,
-            &obs,
-        );
+        let doc = output::rotation_doc(&state, &loaded.config, &ctx.policy, at, &planned, &obs);
+        output::rotate_plan(cli.output, &doc, at);
         return Ok(());
     }
     let output = cli.output;

@@ -591,21 +591,12 @@ fn rotation_text(doc: &Value) {
     }
 }
 
-pub(super) fn rotate_plan(
-    format: OutputFormat,
-    state: &State,
-    config: &crate::config::Config,
-    policy: &crate::rotation::Policy,
-    at: OffsetDateTime,
-    planned: &[crate::rotation::Planned],
-    obs: &std::collections::BTreeMap<String, crate::rotation::execute::Observation>,
-) {
-    let doc = rotation_doc(state, config, policy, at, planned, obs);
+pub(super) fn rotate_plan(format: OutputFormat, doc: &Value, at: OffsetDateTime) {
     match format {
         OutputFormat::Json => outln!("{doc}"),
         OutputFormat::Text => {
             outln!("rotation plan at {} (nothing is changed)", ts(at));
-            rotation_text(&doc);
+            rotation_text(doc);
         }
     }
 }

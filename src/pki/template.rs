@@ -191,11 +191,7 @@ pub fn intermediate_params(
     rng: &dyn SecureRandom,
 ) -> Result<CertificateParams, Error> {
     let mut params = CertificateParams::default();
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, spec.organization.as_str());
-    dn.push(DnType::OrganizationalUnitName, spec.cluster.as_str());
-    dn.push(DnType::CommonName, spec.common_name.as_str());
-    params.distinguished_name = dn;
+    params.distinguished_name = intermediate_dn(spec);
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = ca_key_usages();
     params.not_before = strip_nanos(spec.now - CA_BACKDATE);
@@ -230,12 +226,17 @@ pub fn sign_intermediate(
 /// proves possession of the key.
 pub fn intermediate_csr(spec: &IntermediateSpec, key: &SecretKey) -> Result<String, Error> {
     let mut params = CertificateParams::default();
+    params.distinguished_name = intermediate_dn(spec);
+    Ok(params.serialize_request(key)?.pem()?)
+}
+
+/// O=organisation, OU=cluster, CN=common name.
+fn intermediate_dn(spec: &IntermediateSpec) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, spec.organization.as_str());
     dn.push(DnType::OrganizationalUnitName, spec.cluster.as_str());
     dn.push(DnType::CommonName, spec.common_name.as_str());
-    params.distinguished_name = dn;
-    Ok(params.serialize_request(key)?.pem()?)
+    dn
 }
 
 /// Cross-signs a root: a certificate with `subject_root`'s name and key, issued by `signer`

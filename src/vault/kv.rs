@@ -198,13 +198,7 @@ impl RootAuthority for VaultKvRoot {
         spec: &IntermediateSpec,
         key: &SecretKey,
     ) -> Result<Vec<u8>, backend::Error> {
-        let signer = self.signer(root)?;
-        Ok(template::sign_intermediate(
-            spec,
-            &key.public_key_spki(),
-            &signer,
-            &self.rng,
-        )?)
+        backend::sign_with(&self.signer(root)?, spec, key, &self.rng)
     }
 
     fn cross_sign(
@@ -213,9 +207,7 @@ impl RootAuthority for VaultKvRoot {
         issuer: &RootRecord,
         now: OffsetDateTime,
     ) -> Result<Vec<u8>, backend::Error> {
-        let signer = self.signer(issuer)?;
-        let der = pem::certificates(&subject.cert_pem)?;
-        Ok(template::cross_sign_root(&der[0], &signer, now, &self.rng)?)
+        backend::cross_sign_with(&self.signer(issuer)?, subject, now, &self.rng)
     }
 }
 

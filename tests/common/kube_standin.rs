@@ -241,6 +241,26 @@ impl StandIn {
         }
     }
 
+    /// Starts a member cluster for `env`: namespaces `istio-system` and `default`, and a
+    /// kubeconfig at `kube/<name>.yaml` under the env's directory.
+    pub fn member(name: &str, env: &super::Env) -> Self {
+        let s = Self::start(name);
+        for ns in ["istio-system", "default"] {
+            s.add_namespace(ns);
+        }
+        s.kubeconfig(&env.path(&format!("kube/{name}.yaml")));
+        s
+    }
+
+    /// How many certificates `istio-ca-root-cert` in `ns` holds.
+    pub fn istio_root_count(&self, ns: &str) -> usize {
+        self.get("configmaps", ns, "istio-ca-root-cert").unwrap()["data"]["root-cert.pem"]
+            .as_str()
+            .unwrap()
+            .matches("BEGIN CERTIFICATE")
+            .count()
+    }
+
     /// Writes a kubeconfig for this cluster (context named like the cluster) to `path`.
     pub fn kubeconfig(&self, path: &Path) -> PathBuf {
         let b64 = base64::engine::general_purpose::STANDARD;

@@ -101,6 +101,35 @@ impl Env {
         out
     }
 
+    /// `cactl dev-token` for demo/app, then `cactl request` of that identity from `addr`
+    /// (as `server_name`, for `cluster`) into `got/`; returns stdout.
+    pub fn request_demo_app(&self, addr: &str, server_name: &str, cluster: Option<&str>) -> String {
+        let token = self.ok(&[
+            "dev-token",
+            "--namespace",
+            "demo",
+            "--service-account",
+            "app",
+        ]);
+        let mut args = vec![
+            "request",
+            "--addr",
+            addr,
+            "--server-name",
+            server_name,
+            "--token",
+            token.trim(),
+            "--identity",
+            "spiffe://cluster.local/ns/demo/sa/app",
+            "--out",
+            "got",
+        ];
+        if let Some(c) = cluster {
+            args.extend(["--cluster-id", c]);
+        }
+        self.ok(&args)
+    }
+
     /// init + clusters + issue + export: a ready mesh with `clusters` exported to out/.
     pub fn mesh(&self, clusters: &[&str]) {
         self.ok(&["init"]);
@@ -431,4 +460,34 @@ pub fn python_with_grpc() -> Option<PathBuf> {
         Ok(o) if o.status.success() => Some(PathBuf::from("python3")),
         _ => missing("python3 with grpcio, grpcio-tools and cryptography"),
     }
+}
+
+/// Two writers of one store: of two saves built on the same revision only the first
+/// succeeds; and a writer whose read went stale at the store (resourceVersion, KV version)
+/// after another save is refused too. Starts from a stored revision 2.
+pub fn two_writers_one_wins(a: &dyn cactl::state::StateStore, b: &dyn cactl::state::StateStore) {
+    use cactl::state::Error;
+    let mut sa = a.load().unwrap().unwrap();
+    let mut sb = b.load().unwrap().unwrap();
+    assert_eq!(sa.revision, 2);
+    sa.revision += 1;
+    sa.sequence += 100;
+    sb.revision += 1;
+    a.save(&sa).unwrap();
+    match b.save(&sb) {
+        Err(Error::Conflict {
+            expected: 2,
+            found: 3,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(b.load().unwrap().unwrap().sequence, sa.sequence);
+    let mut next = a.load().unwrap().unwrap();
+    let mut racer = b.load().unwrap().unwrap();
+    racer.revision += 1;
+    racer.sequence += 1;
+    b.save(&racer).unwrap();
+    next.revision += 1;
+    assert!(matches!(a.save(&next), Err(Error::Conflict { .. })));
 }
