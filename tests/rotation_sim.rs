@@ -153,6 +153,7 @@ impl Fleet for World {
                 reachable: false,
                 in_sync: false,
                 detail: Some("connection refused".into()),
+                no_access: false,
             };
         }
         let ok = self
@@ -162,6 +163,7 @@ impl Fleet for World {
             reachable: true,
             in_sync: ok,
             detail: (!ok).then(|| "drifted".to_owned()),
+            no_access: false,
         }
     }
 
@@ -171,6 +173,7 @@ impl Fleet for World {
                 reachable: true,
                 in_sync: false,
                 detail: Some("push failed".into()),
+                no_access: false,
             };
         }
         self.held

@@ -716,3 +716,69 @@ fn a_slow_vault_times_out_with_a_clear_error() {
         "nothing saved"
     );
 }
+
+#[test]
+fn a_root_already_kept_in_vault_kv_is_adopted() {
+    let Some(bao) = Bao::start() else { return };
+    let env = Env::new();
+    let made = common::openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/O=corp/CN=corp root",
+            "-days",
+            "3650",
+            "-keyout",
+            "root.key",
+            "-out",
+            "root.pem",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+        &env.path(""),
+    );
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    bao.ok(&[
+        "kv",
+        "put",
+        "secret/corp/mesh-root",
+        &format!("certificate=@{}", env.path("root.pem").display()),
+        &format!("private_key=@{}", env.path("root.key").display()),
+    ]);
+    setup(
+        &env,
+        &bao,
+        "root:\n  backend: vault-kv\n  adopt_secret: corp/mesh-root\nclusters:\n- name: east\n",
+    );
+    // The cactl policy does not reach this path: adopting needs a token that may read it.
+    let err = env.fails(&["init"], 1);
+    assert!(err.contains("denied secret/data/corp/mesh-root"), "{err}");
+    env.write("vault-token", "root");
+    env.ok(&["init"]);
+    env.ok(&["issue", "east"]);
+    let st = json(&env.ok(&["--output", "json", "status"]));
+    assert_eq!(st["roots"][0]["origin"], "imported", "{st}");
+    assert_eq!(st["roots"][0]["key_in_state"], false);
+    assert_eq!(st["roots"][0]["backend_ref"], "corp/mesh-root");
+    assert_eq!(env.ok(&["bundle"]).trim(), env.read("root.pem").trim());
+    env.ok(&["export", "east", "--out", "out"]);
+    let v = common::openssl(
+        &[
+            "verify",
+            "-x509_strict",
+            "-CAfile",
+            "root.pem",
+            "out/east/ca-cert.pem",
+        ],
+        &env.path(""),
+    );
+    assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+}

@@ -743,6 +743,7 @@ fn status(cli: &Cli, now: OffsetDateTime) -> Result<()> {
                     reachable: false,
                     in_sync: false,
                     detail: Some("no kubeconfig or in_cluster configured".into()),
+                    no_access: true,
                 });
             (c.name.clone(), o)
         })

@@ -16,6 +16,7 @@ use crate::policy::Approved;
 use crate::state::{IntermediateRecord, RootRecord, State};
 
 fn ts(t: OffsetDateTime) -> String {
+    let t = t.replace_nanosecond(0).unwrap_or(t);
     t.format(&Rfc3339).unwrap_or_else(|_| t.to_string())
 }
 
@@ -168,6 +169,7 @@ pub(super) fn status(
             "id": r.id, "status": r.status, "origin": r.origin, "subject": info.subject,
             "serial": info.serial_hex, "not_after": ts(info.not_after),
             "days_left": info.days_left(now), "key_in_state": r.key_pem.is_some(),
+            "backend_ref": r.backend_ref, "retired_at": r.retired_at.map(ts),
         }));
     }
     let mut clusters = Vec::new();

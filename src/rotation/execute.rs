@@ -68,6 +68,10 @@ pub struct Observation {
     /// Why not, when not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// cactl has no way to read this cluster (no API access configured): it is not
+    /// "unreachable", it was never reachable, and it holds root phases all the same.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub no_access: bool,
 }
 
 /// The clusters, as the executor sees them.
@@ -230,6 +234,7 @@ pub fn observed(state: &State, name: &str, o: &Observation) -> Observed {
             .filter(|_| in_sync)
             .map(|r| r.root_id.clone()),
         unreachable_since: state.clusters.get(name).and_then(|c| c.unreachable_since),
+        no_access: o.no_access,
     }
 }
 
@@ -452,6 +457,9 @@ fn note_reachability(
         let Some(cs) = state.clusters.get_mut(n) else {
             continue;
         };
+        if o.no_access {
+            continue;
+        }
         match (o.reachable, cs.unreachable_since) {
             (false, None) => {
                 cs.unreachable_since = Some(now);

@@ -143,6 +143,8 @@ pub struct Observed {
     pub active_root: Option<String>,
     /// Since when it has been unreachable, when it is.
     pub unreachable_since: Option<OffsetDateTime>,
+    /// cactl cannot read it at all (no API access configured).
+    pub no_access: bool,
 }
 
 /// One action the executor should take.
@@ -494,6 +496,9 @@ fn root_gate(
     for name in clusters.keys() {
         match observed.get(name) {
             Some(o) if o.reachable && check(o) => {}
+            Some(o) if o.no_access => lagging.push(format!(
+                "{name} (cannot be read back: no kubeconfig or in_cluster configured)"
+            )),
             Some(o) if !o.reachable => lagging.push(match o.unreachable_since {
                 Some(t) if now - t >= Duration::MINUTE => {
                     format!("{name} (unreachable for {})", coarse(now - t))
@@ -727,6 +732,7 @@ mod tests {
             bundle_roots: roots.iter().map(|s| (*s).to_owned()).collect(),
             active_root: Some(active.into()),
             unreachable_since: None,
+            no_access: false,
         }
     }
 

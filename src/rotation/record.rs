@@ -104,7 +104,8 @@ mod tests {
         assert_eq!(backoff(1, i), Duration::from_secs(30));
         assert_eq!(backoff(2, i), Duration::from_secs(60));
         assert_eq!(backoff(4, i), Duration::from_secs(240));
-        assert_eq!(backoff(5, i), i);
+        assert_eq!(backoff(5, i), Duration::from_secs(480));
+        assert_eq!(backoff(6, i), i);
         assert_eq!(backoff(60, i), i);
     }
 

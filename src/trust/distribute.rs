@@ -270,6 +270,7 @@ pub fn observation(r: &ClusterReport) -> Observation {
         reachable: r.reachable,
         in_sync: r.reachable && detail.is_none(),
         detail,
+        no_access: false,
     }
 }
 
@@ -284,11 +285,13 @@ impl Fleet for KubeFleet<'_> {
                     "no kubeconfig or in_cluster configured: cactl cannot read this cluster back"
                         .into(),
                 ),
+                no_access: true,
             },
             None => Observation {
                 reachable: false,
                 in_sync: false,
                 detail: Some("not in the configuration".into()),
+                no_access: true,
             },
         }
     }
