@@ -707,7 +707,8 @@ fn a_slow_vault_times_out_with_a_clear_error() {
     let err = env.fails(&["init"], 1);
     assert!(
         err.contains(&format!("Vault at {} is unreachable", proxy.addr))
-            && err.contains("issuers/generate/root/internal"),
+            && err.contains("(pki/issuer/root-1)")
+            && err.contains("timed out"),
         "{err}"
     );
     assert!(started.elapsed() < Duration::from_secs(15));
@@ -781,4 +782,81 @@ fn a_root_already_kept_in_vault_kv_is_adopted() {
         &env.path(""),
     );
     assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
+}
+
+#[test]
+fn a_root_created_by_a_run_that_died_before_saving_is_taken_not_duplicated() {
+    let Some(bao) = Bao::start() else { return };
+    for backend in ["vault-pki", "vault-kv"] {
+        let env = Env::new();
+        let path = format!("cactl/roots-{backend}");
+        setup(
+            &env,
+            &bao,
+            &format!("root:\n  backend: {backend}\n  kv_path: {path}\nclusters:\n- name: east\n"),
+        );
+        env.write("vault-token", "root");
+        env.ok(&["init"]);
+        env.ok(&["issue", "east"]);
+        // A run created root-3 at the backend and died before saving: simulate it.
+        let leftover = if backend == "vault-pki" {
+            let v = bao.json(&[
+                "write",
+                "pki/issuers/generate/root/internal",
+                "common_name=leftover",
+                "issuer_name=root-3",
+                "key_type=ec",
+            ]);
+            v["data"]["certificate"].as_str().unwrap().to_owned()
+        } else {
+            let made = common::openssl(
+                &[
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                    "-nodes",
+                    "-subj",
+                    "/O=cactl/CN=leftover",
+                    "-days",
+                    "30",
+                    "-keyout",
+                    "l.key",
+                    "-out",
+                    "l.pem",
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+                &env.path(""),
+            );
+            assert_eq!(made.code, 0, "{}", made.stderr);
+            bao.ok(&[
+                "kv",
+                "put",
+                &format!("secret/{path}/root-3"),
+                &format!("certificate=@{}", env.path("l.pem").display()),
+                &format!("private_key=@{}", env.path("l.key").display()),
+            ]);
+            env.read("l.pem")
+        };
+        env.ok(&["rotate", "--root"]);
+        let st = json(&env.ok(&["--output", "json", "status"]));
+        assert_eq!(st["roots"][1]["id"], "root-3", "{backend}: {st}");
+        let bundle = env.ok(&["bundle"]);
+        assert!(
+            bundle.contains(leftover.trim()),
+            "{backend}: the leftover root was not taken"
+        );
+        assert_eq!(bundle.matches("BEGIN CERTIFICATE").count(), 2, "{backend}");
+    }
+    let issuers = bao.json(&["list", "pki/issuers"]);
+    assert_eq!(
+        issuers.as_array().unwrap().len(),
+        2,
+        "no duplicate issuer: {issuers}"
+    );
 }

@@ -112,6 +112,31 @@ impl VaultKvRoot {
         Ok((cert, key))
     }
 
+    /// A record for the root in the secret at `path`, after the checks of
+    /// `cactl init --import-cert/--import-key`.
+    fn adopt_path(
+        &self,
+        id: &str,
+        path: &str,
+        origin: RootOrigin,
+        now: OffsetDateTime,
+    ) -> Result<RootRecord, backend::Error> {
+        let (cert, key) = self.load_path(path)?;
+        let mut scratch = State::new();
+        crate::ca::init_imported(&mut scratch, &cert, &key, now).map_err(|e| {
+            backend::Error::Root {
+                id: id.to_owned(),
+                reason: format!("the root in Vault KV {path}: {e}"),
+            }
+        })?;
+        let mut record = scratch.roots.remove(0);
+        record.id = id.to_owned();
+        record.key_pem = None;
+        record.backend_ref = Some(path.to_owned());
+        record.origin = origin;
+        Ok(record)
+    }
+
     fn signer(&self, root: &RootRecord) -> Result<CaSigner, backend::Error> {
         let (cert, key) = self.load(root)?;
         let key = SecretKey::from_pem(&key)?;
@@ -141,21 +166,8 @@ impl RootAuthority for VaultKvRoot {
         let Some(path) = &self.adopt else {
             return Ok(None);
         };
-        let (cert, key) = self.load_path(path)?;
-        // The same checks as `cactl init --import-cert/--import-key`, on a scratch state.
-        let mut scratch = State::new();
-        crate::ca::init_imported(&mut scratch, &cert, &key, now).map_err(|e| {
-            backend::Error::Root {
-                id: id.to_owned(),
-                reason: format!("the root in Vault KV {path}: {e}"),
-            }
-        })?;
-        let mut record = scratch.roots.remove(0);
-        record.id = id.to_owned();
-        record.key_pem = None;
-        record.backend_ref = Some(path.clone());
-        record.origin = RootOrigin::Imported;
-        Ok(Some(record))
+        self.adopt_path(id, path, RootOrigin::Imported, now)
+            .map(Some)
     }
 
     fn create_root(
@@ -165,10 +177,16 @@ impl RootAuthority for VaultKvRoot {
         algorithm: KeyAlgorithm,
         now: OffsetDateTime,
     ) -> Result<RootRecord, backend::Error> {
+        let path = format!("{}/{id}", self.path);
+        // A secret for this id exists only if an earlier run wrote it and died before saving
+        // the state: it is ours and unused, so it is taken instead of being overwritten.
+        if read(&self.vault, &self.mount, &path)?.is_some() {
+            tracing::info!(root = %id, path = %path, "taking the root an interrupted run created");
+            return self.adopt_path(id, &path, RootOrigin::Generated, now);
+        }
         let key = SecretKey::generate(algorithm)?;
         let der = template::self_sign_root(spec, &key, &self.rng)?;
         let cert_pem = pem::encode_cert(&der);
-        let path = format!("{}/{id}", self.path);
         let key_pem = Zeroizing::new(key.to_pkcs8_pem());
         // Never overwrite: a root secret is written once.
         write(

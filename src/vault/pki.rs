@@ -43,6 +43,19 @@ impl VaultPki {
         .into()
     }
 
+    /// Reads issuer `reference`; `None` when the mount has no such issuer (Vault answers
+    /// that with a 500 "unable to find PKI issuer", not a 404).
+    fn read_issuer(&self, reference: &str) -> Result<Option<Value>, Error> {
+        let path = format!("{}/issuer/{reference}", self.mount);
+        match self.vault.read(&path) {
+            Ok(v) => Ok(v),
+            Err(super::Error::Status {
+                code: 500, detail, ..
+            }) if detail.contains("unable to find PKI issuer") => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     fn issuer_ref<'a>(&self, root: &'a RootRecord) -> Result<&'a str, Error> {
         root.backend_ref.as_deref().ok_or_else(|| Error::Root {
             id: root.id.clone(),
@@ -123,8 +136,7 @@ impl RootAuthority for VaultPki {
         };
         let path = format!("{}/issuer/{adopt}", self.mount);
         let v = self
-            .vault
-            .read(&path)?
+            .read_issuer(adopt)?
             .ok_or_else(|| self.invalid(&path, format!("no issuer {adopt:?} in the mount")))?;
         let cert = v["data"]["certificate"]
             .as_str()
@@ -141,6 +153,17 @@ impl RootAuthority for VaultPki {
         algorithm: KeyAlgorithm,
         now: OffsetDateTime,
     ) -> Result<RootRecord, Error> {
+        // An issuer with this id exists only if an earlier run created it and died before
+        // saving the state: it is ours and unused, so it is taken instead of a second one.
+        let named = format!("{}/issuer/{id}", self.mount);
+        if let Some(v) = self.read_issuer(id)? {
+            let cert = v["data"]["certificate"]
+                .as_str()
+                .ok_or_else(|| self.invalid(&named, "no certificate"))?;
+            let issuer_id = v["data"]["issuer_id"].as_str().unwrap_or(id);
+            tracing::info!(root = %id, issuer = %issuer_id, "taking the issuer an interrupted run created");
+            return self.record(&named, id, cert, issuer_id, RootOrigin::Generated, now);
+        }
         let path = format!("{}/issuers/generate/root/internal", self.mount);
         let (key_type, key_bits) = key_params(algorithm);
         let v = self
