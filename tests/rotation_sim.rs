@@ -527,6 +527,9 @@ fn a_failure_at_every_step_of_a_root_rotation_still_converges() {
         }
     }
     assert!(injected >= total, "only {injected} failures were injected");
+    eprintln!(
+        "root rotation: {total} saves and pushes; {injected} runs with a failure injected, all converged"
+    );
 }
 
 #[test]
