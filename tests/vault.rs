@@ -201,7 +201,17 @@ fn the_root_lives_in_vault_pki_and_intermediates_chain_to_it() {
     );
     env.ok(&["init"]);
     env.ok(&["issue", "east"]);
-    env.ok(&["issue", "west"]);
+    // Debug logs of a Vault-backed command never carry the token.
+    let token = env.read("vault-token");
+    let r = env.run(&["--log-level", "trace", "issue", "west"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // The HTTP client's own trace lines are there, so the check below has something to see.
+    assert!(r.stderr.contains("reqwest::connect"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains(token.trim()),
+        "the Vault token was logged"
+    );
+    assert!(!r.stdout.contains(token.trim()));
     let st = json(&env.ok(&["--output", "json", "status"]));
     assert_eq!(st["roots"][0]["key_in_state"], false, "{st}");
     // The bundle is Vault's issuer, byte for byte.
