@@ -185,6 +185,44 @@ fn setup(env: &Env, bao: &Bao, extra: &str) {
     );
 }
 
+/// Makes a self-signed P-256 CA with openssl (`<name>.pem`, `<name>.key` in the env) and
+/// stores it in KV v2 at `kv` with the fields the vault-kv root backend reads.
+fn openssl_root_into_kv(bao: &Bao, env: &Env, subject: &str, name: &str, kv: &str) {
+    let (key, cert) = (format!("{name}.key"), format!("{name}.pem"));
+    let made = common::openssl(
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            subject,
+            "-days",
+            "365",
+            "-keyout",
+            &key,
+            "-out",
+            &cert,
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+        &env.path(""),
+    );
+    assert_eq!(made.code, 0, "{}", made.stderr);
+    bao.ok(&[
+        "kv",
+        "put",
+        kv,
+        &format!("certificate=@{}", env.path(&cert).display()),
+        &format!("private_key=@{}", env.path(&key).display()),
+    ]);
+}
+
 /// The state document, byte for byte.
 fn state_dir(env: &Env) -> String {
     env.read("cactl-state/state.json")
@@ -732,38 +770,13 @@ fn a_slow_vault_times_out_with_a_clear_error() {
 fn a_root_already_kept_in_vault_kv_is_adopted() {
     let Some(bao) = Bao::start() else { return };
     let env = Env::new();
-    let made = common::openssl(
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-subj",
-            "/O=corp/CN=corp root",
-            "-days",
-            "3650",
-            "-keyout",
-            "root.key",
-            "-out",
-            "root.pem",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ],
-        &env.path(""),
-    );
-    assert_eq!(made.code, 0, "{}", made.stderr);
-    bao.ok(&[
-        "kv",
-        "put",
+    openssl_root_into_kv(
+        &bao,
+        &env,
+        "/O=corp/CN=corp root",
+        "root",
         "secret/corp/mesh-root",
-        &format!("certificate=@{}", env.path("root.pem").display()),
-        &format!("private_key=@{}", env.path("root.key").display()),
-    ]);
+    );
     setup(
         &env,
         &bao,
@@ -819,38 +832,13 @@ fn a_root_created_by_a_run_that_died_before_saving_is_taken_not_duplicated() {
             ]);
             v["data"]["certificate"].as_str().unwrap().to_owned()
         } else {
-            let made = common::openssl(
-                &[
-                    "req",
-                    "-x509",
-                    "-newkey",
-                    "ec",
-                    "-pkeyopt",
-                    "ec_paramgen_curve:P-256",
-                    "-nodes",
-                    "-subj",
-                    "/O=cactl/CN=leftover",
-                    "-days",
-                    "30",
-                    "-keyout",
-                    "l.key",
-                    "-out",
-                    "l.pem",
-                    "-addext",
-                    "basicConstraints=critical,CA:TRUE",
-                    "-addext",
-                    "keyUsage=critical,keyCertSign,cRLSign",
-                ],
-                &env.path(""),
-            );
-            assert_eq!(made.code, 0, "{}", made.stderr);
-            bao.ok(&[
-                "kv",
-                "put",
+            openssl_root_into_kv(
+                &bao,
+                &env,
+                "/O=cactl/CN=leftover",
+                "l",
                 &format!("secret/{path}/root-3"),
-                &format!("certificate=@{}", env.path("l.pem").display()),
-                &format!("private_key=@{}", env.path("l.key").display()),
-            ]);
+            );
             env.read("l.pem")
         };
         env.ok(&["rotate", "--root"]);
