@@ -5,12 +5,11 @@
 //! update built on a stale read with 409) and the state's own revision (checked against what
 //! is stored). There is no lock beyond that: two writers can both try, and only one succeeds.
 //!
-//! The [`StateStore`] trait is synchronous; the store runs its requests on a small runtime of
-//! its own on a dedicated thread, so it can be called from inside and outside async code.
+//! The [`StateStore`] trait is synchronous; the store runs its requests on a
+//! [`Bridge`](crate::bridge::Bridge), so it can be called from inside and outside async code.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::ByteString;
@@ -18,20 +17,13 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 
 use super::{Error, LockGuard, State, StateStore};
+use crate::bridge::Bridge;
 
 /// Key of the state document in the Secret.
 pub const STATE_KEY: &str = "state.json";
 
 /// How long one request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
-
-type Reply<T> = mpsc::Sender<Result<T, String>>;
-
-enum Request {
-    Get(String, Reply<Option<Secret>>),
-    Create(Box<Secret>, Reply<Secret>),
-    Replace(Box<Secret>, Reply<Secret>),
-}
 
 /// Connection settings of the cluster holding the state.
 #[derive(Clone, Debug)]
@@ -46,7 +38,10 @@ pub struct Home {
 pub struct KubeStore {
     namespace: String,
     name: String,
-    tx: Mutex<mpsc::Sender<Request>>,
+    home: Home,
+    /// Connected on first use, then reused.
+    client: Arc<Mutex<Option<kube::Client>>>,
+    bridge: Bridge,
     /// (state revision, resourceVersion) of the last document read or written.
     seen: Mutex<Option<(u64, String)>>,
 }
@@ -58,15 +53,12 @@ impl KubeStore {
     /// A store in Secret `namespace/name` of the cluster `home` points at. The connection is
     /// made on first use.
     pub fn new(home: Home, namespace: &str, name: &str) -> Self {
-        let (tx, rx) = mpsc::channel::<Request>();
-        let ns = namespace.to_owned();
-        let _ = std::thread::Builder::new()
-            .name("cactl-state-kube".into())
-            .spawn(move || worker(home, ns, rx));
         Self {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
-            tx: Mutex::new(tx),
+            home,
+            client: Arc::new(Mutex::new(None)),
+            bridge: Bridge::new("cactl-state-kube"),
             seen: Mutex::new(None),
         }
     }
@@ -78,17 +70,41 @@ impl KubeStore {
         }
     }
 
-    fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Request) -> Result<T, Error> {
-        let (reply, answer) = mpsc::channel();
-        self.tx
-            .lock()
-            .map_err(|_| self.remote("store worker poisoned"))?
-            .send(make(reply))
-            .map_err(|_| self.remote("store worker stopped"))?;
-        answer
-            .recv_timeout(REQUEST_TIMEOUT + Duration::from_secs(5))
-            .map_err(|_| self.remote("no answer from the Kubernetes API"))?
+    /// Runs `f` on the Secrets API of the namespace, connecting first if needed.
+    fn call<T, F, Fut>(&self, f: F) -> Result<T, Error>
+    where
+        T: Send + 'static,
+        F: FnOnce(Api<Secret>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, kube::Error>> + Send,
+    {
+        let (home, cached, ns) = (
+            self.home.clone(),
+            self.client.clone(),
+            self.namespace.clone(),
+        );
+        let run = async move {
+            let known = cached.lock().ok().and_then(|c| c.clone());
+            let client = match known {
+                Some(c) => c,
+                None => {
+                    let c = connect(&home).await?;
+                    if let Ok(mut slot) = cached.lock() {
+                        *slot = Some(c.clone());
+                    }
+                    c
+                }
+            };
+            flatten(tokio::time::timeout(REQUEST_TIMEOUT, f(Api::namespaced(client, &ns))).await)
+        };
+        self.bridge
+            .run(run, REQUEST_TIMEOUT + Duration::from_secs(10))
+            .unwrap_or_else(|| Err("no answer from the Kubernetes API".into()))
             .map_err(|e| self.remote(e))
+    }
+
+    fn get(&self) -> Result<Option<Secret>, Error> {
+        let name = self.name.clone();
+        self.call(move |api| async move { api.get_opt(&name).await })
     }
 
     fn parse(&self, secret: &Secret) -> Result<State, Error> {
@@ -142,7 +158,7 @@ impl StateStore for KubeStore {
     }
 
     fn load(&self) -> Result<Option<State>, Error> {
-        let Some(secret) = self.call(|r| Request::Get(self.name.clone(), r))? else {
+        let Some(secret) = self.get()? else {
             return Ok(None);
         };
         let state = self.parse(&secret)?;
@@ -158,7 +174,10 @@ impl StateStore for KubeStore {
         };
         if state.revision <= 1 {
             let created = self
-                .call(|r| Request::Create(Box::new(self.secret(state, None)), r))
+                .call({
+                    let secret = self.secret(state, None);
+                    move |api| async move { api.create(&PostParams::default(), &secret).await }
+                })
                 .map_err(|e| match e {
                     Error::Remote { reason, .. } if reason.contains("AlreadyExists") => conflict(0),
                     other => other,
@@ -170,7 +189,7 @@ impl StateStore for KubeStore {
         let rv = match known {
             Some((rev, rv)) if rev + 1 == state.revision => rv,
             _ => {
-                let Some(current) = self.call(|r| Request::Get(self.name.clone(), r))? else {
+                let Some(current) = self.get()? else {
                     return Err(Error::NotInitialized(self.location()));
                 };
                 let stored = self.parse(&current)?;
@@ -180,14 +199,18 @@ impl StateStore for KubeStore {
                 current.metadata.resource_version.unwrap_or_default()
             }
         };
-        match self.call(|r| Request::Replace(Box::new(self.secret(state, Some(rv))), r)) {
+        let secret = self.secret(state, Some(rv));
+        let name = self.name.clone();
+        match self.call(move |api| async move {
+            api.replace(&name, &PostParams::default(), &secret).await
+        }) {
             Ok(written) => {
                 self.remember(state.revision, &written);
                 Ok(())
             }
             Err(Error::Remote { reason, .. }) if reason.contains("Conflict") => {
                 let found = self
-                    .call(|r| Request::Get(self.name.clone(), r))
+                    .get()
                     .ok()
                     .flatten()
                     .and_then(|s| self.parse(&s).ok())
@@ -195,65 +218,6 @@ impl StateStore for KubeStore {
                 Err(conflict(found))
             }
             Err(e) => Err(e),
-        }
-    }
-}
-
-fn worker(home: Home, namespace: String, rx: mpsc::Receiver<Request>) {
-    let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    else {
-        return;
-    };
-    let mut client: Option<kube::Client> = None;
-    while let Ok(req) = rx.recv() {
-        rt.block_on(async {
-            let c = match &client {
-                Some(c) => c.clone(),
-                None => match connect(&home).await {
-                    Ok(c) => {
-                        client = Some(c.clone());
-                        c
-                    }
-                    Err(e) => return fail(req, e),
-                },
-            };
-            let api: Api<Secret> = Api::namespaced(c, &namespace);
-            match req {
-                Request::Get(name, reply) => {
-                    let r = tokio::time::timeout(REQUEST_TIMEOUT, api.get_opt(&name)).await;
-                    let _ = reply.send(flatten(r));
-                }
-                Request::Create(s, reply) => {
-                    let r = tokio::time::timeout(
-                        REQUEST_TIMEOUT,
-                        api.create(&PostParams::default(), &s),
-                    )
-                    .await;
-                    let _ = reply.send(flatten(r));
-                }
-                Request::Replace(s, reply) => {
-                    let name = s.metadata.name.clone().unwrap_or_default();
-                    let r = tokio::time::timeout(
-                        REQUEST_TIMEOUT,
-                        api.replace(&name, &PostParams::default(), &s),
-                    )
-                    .await;
-                    let _ = reply.send(flatten(r));
-                }
-            }
-        });
-    }
-}
-
-fn fail(req: Request, e: String) {
-    match req {
-        Request::Get(_, r) => {
-            let _ = r.send(Err(e));
-        }
-        Request::Create(_, r) | Request::Replace(_, r) => {
-            let _ = r.send(Err(e));
         }
     }
 }
