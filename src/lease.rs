@@ -20,25 +20,28 @@ use kube::api::{Api, ObjectMeta, PostParams};
 #[derive(Clone, Debug, Default)]
 pub struct Fence {
     until: Arc<Mutex<Option<Instant>>>,
+    /// No election: this process may always act.
+    always: bool,
 }
 
 impl Fence {
     /// A fence that always allows (no election configured).
     pub fn always() -> Self {
         Self {
-            until: Arc::new(Mutex::new(Some(
-                Instant::now() + Duration::from_secs(100 * 365 * 86_400),
-            ))),
+            until: Arc::new(Mutex::new(None)),
+            always: true,
         }
     }
 
     /// True while the lease is held with margin.
     pub fn may_act(&self) -> bool {
-        self.until
-            .lock()
-            .ok()
-            .and_then(|u| *u)
-            .is_some_and(|u| Instant::now() < u)
+        self.always
+            || self
+                .until
+                .lock()
+                .ok()
+                .and_then(|u| *u)
+                .is_some_and(|u| Instant::now() < u)
     }
 
     fn set(&self, until: Option<Instant>) {

@@ -129,6 +129,7 @@ impl VaultKvRoot {
                 reason: format!("the root in Vault KV {path}: {e}"),
             }
         })?;
+        // Invariant: a successful import pushed exactly one root onto the empty scratch state.
         let mut record = scratch.roots.remove(0);
         record.id = id.to_owned();
         record.key_pem = None;
