@@ -9,6 +9,7 @@ pub mod chain;
 pub mod csr;
 pub mod inspect;
 pub mod key;
+pub mod leaf;
 pub mod pem;
 pub mod spiffe;
 pub mod template;

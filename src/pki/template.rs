@@ -16,6 +16,7 @@ use time::{Duration, OffsetDateTime};
 
 use super::Error;
 use super::key::SecretKey;
+use super::leaf::{LeafFields, LeafTemplate, Serial};
 use super::spiffe::SpiffeId;
 
 /// How far a leaf's NotBefore is moved into the past, to absorb clock skew (istiod: 2 min).
@@ -73,6 +74,7 @@ pub struct CaSigner {
     cert_der: Vec<u8>,
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
+    leaf: LeafTemplate,
 }
 
 impl std::fmt::Debug for CaSigner {
@@ -96,12 +98,20 @@ impl CaSigner {
                 "certificate is not a CA (basicConstraints CA:TRUE missing)".into(),
             ));
         }
+        // Leaves name this CA by its subject key identifier, or (as rcgen does for a CA
+        // certificate without one) by the first 20 bytes of SHA-256 over its SPKI.
+        let key_id = match &info.ski {
+            Some(ski) => ski.clone(),
+            None => ring::digest::digest(&ring::digest::SHA256, &info.spki).as_ref()[..20].to_vec(),
+        };
+        let leaf = LeafTemplate::new(key.algorithm(), &info.subject_raw, &key_id)?;
         let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(cert_der), key)?;
         Ok(Self {
             issuer,
             cert_der: cert_der.to_vec(),
             not_before: info.not_before,
             not_after: info.not_after,
+            leaf,
         })
     }
 
@@ -115,6 +125,16 @@ impl CaSigner {
         self.not_after
     }
 
+    /// The pre-encoded parts of the workload leaves this CA signs.
+    pub fn leaf_template(&self) -> &LeafTemplate {
+        &self.leaf
+    }
+
+    /// The CA as rcgen's issuer (the reference encoder of the profiles).
+    pub fn issuer(&self) -> &Issuer<'static, SecretKey> {
+        &self.issuer
+    }
+
     /// The signing key.
     pub fn key(&self) -> &SecretKey {
         self.issuer.key()
@@ -123,14 +143,7 @@ impl CaSigner {
 
 /// Draws a random positive 16-byte serial number.
 pub fn random_serial(rng: &dyn SecureRandom) -> Result<SerialNumber, Error> {
-    let mut bytes = [0u8; 16];
-    rng.fill(&mut bytes).map_err(|_| Error::Random)?;
-    // Positive, and exactly 16 bytes in DER: top bit clear, first byte non-zero.
-    bytes[0] &= 0x7f;
-    if bytes[0] == 0 {
-        bytes[0] = 0x01;
-    }
-    Ok(SerialNumber::from_slice(&bytes))
+    Ok(SerialNumber::from_slice(&super::leaf::random_serial(rng)?))
 }
 
 fn strip_nanos(t: OffsetDateTime) -> OffsetDateTime {
@@ -313,11 +326,21 @@ pub fn leaf_params(
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
-    params.not_before = strip_nanos(spec.now - LEAF_BACKDATE).max(issuer_validity.0);
-    params.not_after = strip_nanos((spec.now + spec.ttl).min(issuer_validity.1));
+    (params.not_before, params.not_after) = leaf_validity(spec, issuer_validity);
     params.serial_number = Some(random_serial(rng)?);
     params.use_authority_key_identifier_extension = true;
     Ok(params)
+}
+
+/// A leaf's validity: backdated for clock skew, `ttl` long, inside the issuer's.
+pub fn leaf_validity(
+    spec: &LeafSpec,
+    issuer_validity: (OffsetDateTime, OffsetDateTime),
+) -> (OffsetDateTime, OffsetDateTime) {
+    (
+        strip_nanos(spec.now - LEAF_BACKDATE).max(issuer_validity.0),
+        strip_nanos((spec.now + spec.ttl).min(issuer_validity.1)),
+    )
 }
 
 /// Signs a workload leaf for `subject_spki` with `signer`.
@@ -327,12 +350,45 @@ pub fn sign_leaf(
     signer: &CaSigner,
     rng: &dyn SecureRandom,
 ) -> Result<Vec<u8>, Error> {
+    issue_leaf(spec, subject_spki, signer, rng).map(|(der, _)| der)
+}
+
+/// Signs a workload leaf for `subject_spki` with `signer`, returning it with its serial.
+///
+/// The leaf is encoded from the signer's [`LeafTemplate`] (the profile of [`leaf_params`],
+/// byte for byte). Its validity is checked as values before it is encoded: inside the
+/// issuer's, and not empty.
+pub fn issue_leaf(
+    spec: &LeafSpec,
+    subject_spki: &[u8],
+    signer: &CaSigner,
+    rng: &dyn SecureRandom,
+) -> Result<(Vec<u8>, Serial), Error> {
     if signer.not_after <= spec.now {
         return Err(Error::Chain("the issuing CA has expired".into()));
     }
-    let params = leaf_params(spec, (signer.not_before, signer.not_after), rng)?;
-    let spki = SubjectPublicKeyInfo::from_der(subject_spki)?;
-    Ok(params.signed_by(&spki, &signer.issuer)?.der().to_vec())
+    let (not_before, not_after) = leaf_validity(spec, (signer.not_before, signer.not_after));
+    if not_before >= not_after {
+        return Err(Error::Chain(format!(
+            "the issuing CA is not valid until {}",
+            signer.not_before
+        )));
+    }
+    let uri = spec.identity.to_string();
+    if !uri.is_ascii() {
+        return Err(Error::Generate("identity is not an IA5 string".into()));
+    }
+    let serial = super::leaf::random_serial(rng)?;
+    let fields = LeafFields {
+        serial: &serial,
+        not_before,
+        not_after,
+        spki: subject_spki,
+        uri: &uri,
+        rsa_key: spec.rsa_key,
+    };
+    let der = signer.leaf.sign(&fields, signer.issuer.key())?;
+    Ok((der, serial))
 }
 
 /// A TLS server certificate for the signing service itself.
