@@ -62,12 +62,28 @@ fn single_block_fast(text: &str, tag: &str) -> Option<Vec<u8>> {
         .ok()
 }
 
-/// Encodes DER as one PEM block with LF line endings and a trailing newline.
+/// Encodes DER as one PEM block (RFC 7468: 64-character lines) with LF line endings and a
+/// trailing newline. Written directly into one buffer: every response on the signing path
+/// carries one.
 pub fn encode(tag: &str, der: &[u8]) -> String {
-    pem::encode_config(
-        &pem::Pem::new(tag, der.to_vec()),
-        pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
-    )
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::with_capacity(b64.len() + b64.len() / 64 + 2 * tag.len() + 34);
+    out.push_str("-----BEGIN ");
+    out.push_str(tag);
+    out.push_str("-----\n");
+    let mut rest = b64.as_str();
+    while !rest.is_empty() {
+        // Base64 is ASCII, so every index is a character boundary.
+        let (line, tail) = rest.split_at(rest.len().min(64));
+        out.push_str(line);
+        out.push('\n');
+        rest = tail;
+    }
+    out.push_str("-----END ");
+    out.push_str(tag);
+    out.push_str("-----\n");
+    out
 }
 
 /// Encodes a certificate as a PEM block.
@@ -137,5 +153,17 @@ mod tests {
             vec![b"abc".to_vec(), b"defg".to_vec()]
         );
         assert!(text.ends_with("-----END CERTIFICATE-----\n"));
+    }
+
+    #[test]
+    fn encoding_is_the_pem_crates() {
+        for len in [0, 1, 2, 3, 47, 48, 49, 96, 97, 500, 1234] {
+            let der: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let reference = pem::encode_config(
+                &pem::Pem::new("CERTIFICATE", der.clone()),
+                pem::EncodeConfig::new().set_line_ending(pem::LineEnding::LF),
+            );
+            assert_eq!(encode("CERTIFICATE", &der), reference, "{len} bytes");
+        }
     }
 }
