@@ -18,7 +18,6 @@ use ring::signature::{self, EcdsaKeyPair, KeyPair};
 use serde::Serialize;
 
 use crate::client;
-use crate::grpc::proto::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::pki::key::{KeyAlgorithm, SecretKey};
 
 /// Bench errors.
@@ -360,12 +359,11 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
     progress("starting cactl serve");
     let server = start_server(&opts, &dev)?;
     let pid = server.child.id();
-    let mut channels = Vec::new();
+    let authority = "cactl.bench.svc";
+    let prepared = Arc::new(prepare(&work)?);
+    let mut connections = Vec::new();
     for _ in 0..opts.connections.max(1) {
-        let ch = client::connect(&server.addr, &server.bundle, "cactl.bench.svc")
-            .await
-            .map_err(|e| Error::Setup(e.to_string()))?;
-        channels.push(ch);
+        connections.push(h2_connect(&server.addr, &server.bundle, authority).await?);
     }
     // Share of RSA CSRs in the mix, for the raw cost of the mix.
     let rsa_share = opts.styles.iter().filter(|s| *s == "agent").count() as f64
@@ -376,13 +374,14 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
     let mut levels = Vec::new();
     for &conc in &opts.concurrency {
         progress(&format!("concurrency {conc}: warm-up"));
-        let _ = drive(&channels, &work, conc, opts.warmup).await;
+        let _ = drive(&connections, authority, &prepared, conc, opts.warmup).await;
         progress(&format!(
             "concurrency {conc}: measuring {:?}",
             opts.duration
         ));
         let cpu0 = cpu_seconds(pid);
-        let (ok, errors, mut lat, elapsed) = drive(&channels, &work, conc, opts.duration).await;
+        let (ok, errors, mut lat, elapsed) =
+            drive(&connections, authority, &prepared, conc, opts.duration).await;
         let cpu = cpu_seconds(pid) - cpu0;
         lat.sort_unstable();
         let pct = |p: f64| -> f64 {
@@ -428,10 +427,138 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
     })
 }
 
+/// The gRPC path of `CreateCertificate`.
+const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
+
+/// One request, encoded once: its headers (with the token) and its length-prefixed message.
+struct Prepared {
+    headers: http::HeaderMap,
+    body: bytes::Bytes,
+}
+
+/// Encodes every work item as istio-agent would send it: `authorization`, `clusterid`, the
+/// CSR and `CertSigner: ""` metadata.
+fn prepare(work: &Work) -> Result<Vec<Prepared>, Error> {
+    use prost::Message as _;
+    let setup = |e: &dyn std::fmt::Display| Error::Setup(e.to_string());
+    work.items
+        .iter()
+        .map(|(token, csr)| {
+            let req = client::request(csr, 0, Some(token), Some("bench")).map_err(|e| setup(&e))?;
+            let mut headers = req.metadata().clone().into_headers();
+            headers.insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+            let msg = req.into_inner().encode_to_vec();
+            let len = u32::try_from(msg.len()).map_err(|e| setup(&e))?;
+            let mut body = Vec::with_capacity(5 + msg.len());
+            body.push(0); // not compressed
+            body.extend_from_slice(&len.to_be_bytes());
+            body.extend_from_slice(&msg);
+            Ok(Prepared {
+                headers,
+                body: body.into(),
+            })
+        })
+        .collect()
+}
+
+/// Opens an HTTP/2 connection over TLS (ALPN `h2`), trusting `bundle_pem`.
+async fn h2_connect(
+    addr: &str,
+    bundle_pem: &str,
+    server_name: &str,
+) -> Result<h2::client::SendRequest<bytes::Bytes>, Error> {
+    let setup = |e: &dyn std::fmt::Display| Error::Setup(format!("connect {addr}: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    for der in crate::pki::pem::certificates(bundle_pem).map_err(|e| setup(&e))? {
+        roots
+            .add(rustls::pki_types::CertificateDer::from(der))
+            .map_err(|e| setup(&e))?;
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| setup(&e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let name =
+        rustls::pki_types::ServerName::try_from(server_name.to_owned()).map_err(|e| setup(&e))?;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| setup(&e))?;
+    tcp.set_nodelay(true).map_err(|e| setup(&e))?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .map_err(|e| setup(&e))?;
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(16 << 20)
+        .handshake::<_, bytes::Bytes>(tls)
+        .await
+        .map_err(|e| setup(&e))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(send)
+}
+
+/// Sends one prepared `CreateCertificate` and checks the answer: HTTP 200, `grpc-status: 0`
+/// and a chain of at least two elements.
+async fn call(
+    send: &h2::client::SendRequest<bytes::Bytes>,
+    authority: &str,
+    p: &Prepared,
+) -> Result<(), String> {
+    use prost::Message as _;
+    let mut request = http::Request::post(format!("https://{authority}{CREATE_CERTIFICATE}"))
+        .body(())
+        .map_err(|e| e.to_string())?;
+    *request.headers_mut() = p.headers.clone();
+    let mut send = send.clone().ready().await.map_err(|e| e.to_string())?;
+    let (response, mut stream) = send
+        .send_request(request, false)
+        .map_err(|e| e.to_string())?;
+    stream
+        .send_data(p.body.clone(), true)
+        .map_err(|e| e.to_string())?;
+    let response = response.await.map_err(|e| e.to_string())?;
+    if response.status() != http::StatusCode::OK {
+        return Err(format!("HTTP {}", response.status()));
+    }
+    let (parts, mut body) = response.into_parts();
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(|e| e.to_string())?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        buf.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.map_err(|e| e.to_string())?;
+    let status = trailers
+        .as_ref()
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| parts.headers.get("grpc-status"))
+        .and_then(|v| v.to_str().ok());
+    if status != Some("0") {
+        return Err(format!("grpc-status {status:?}"));
+    }
+    let msg = buf.get(5..).ok_or("short gRPC message")?;
+    let reply =
+        crate::grpc::proto::IstioCertificateResponse::decode(msg).map_err(|e| e.to_string())?;
+    if reply.cert_chain.len() < 2 {
+        return Err(format!("chain of {} elements", reply.cert_chain.len()));
+    }
+    Ok(())
+}
+
 /// Keeps `conc` requests in flight for `dur`; returns (ok, errors, latencies µs, seconds).
 async fn drive(
-    channels: &[tonic::transport::Channel],
-    work: &Arc<Work>,
+    connections: &[h2::client::SendRequest<bytes::Bytes>],
+    authority: &str,
+    work: &Arc<Vec<Prepared>>,
     conc: usize,
     dur: Duration,
 ) -> (u64, u64, Vec<u64>, f64) {
@@ -441,7 +568,8 @@ async fn drive(
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..conc {
-        let mut c = IstioCertificateServiceClient::new(channels[w % channels.len()].clone());
+        let send = connections[w % connections.len()].clone();
+        let authority = authority.to_owned();
         let stop = stop.clone();
         let ok = ok.clone();
         let errors = errors.clone();
@@ -450,19 +578,18 @@ async fn drive(
             let mut lat = Vec::new();
             let mut i = w;
             while !stop.load(Ordering::Relaxed) {
-                let (token, csr) = &work.items[i % work.items.len()];
-                i += conc;
-                let Ok(req) = client::request(csr, 0, Some(token), Some("bench")) else {
-                    errors.fetch_add(1, Ordering::Relaxed);
-                    continue;
+                let Some(p) = work.get(i % work.len().max(1)) else {
+                    break;
                 };
+                i += conc;
                 let t = Instant::now();
-                match c.create_certificate(req).await {
-                    Ok(r) if r.get_ref().cert_chain.len() >= 2 => {
+                match call(&send, &authority, p).await {
+                    Ok(()) => {
                         lat.push(t.elapsed().as_micros() as u64);
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
-                    _ => {
+                    Err(e) => {
+                        tracing::debug!(error = %e, "bench request failed");
                         errors.fetch_add(1, Ordering::Relaxed);
                     }
                 }

@@ -237,32 +237,41 @@ pub async fn run(
             .max_encoding_message_size(4 * 1024 * 1024)
     };
 
-    // One single-threaded runtime per core, each accepting from the shared listener and
-    // serving its own connections. A FIFO scheduler lets the responses of all streams that
-    // finished in one pass go out in one write, instead of one write per response.
+    // One single-threaded runtime per core, each serving the connections it is handed. A FIFO
+    // scheduler lets the responses of all streams that finished in one pass go out in one
+    // write, instead of one write per response. One acceptor deals connections to the workers
+    // in turn: clients keep few, long-lived connections (a ztunnel per node), and workers
+    // racing for them on a shared listener can leave a core idle.
     let workers = config
         .serve
         .workers
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
         .max(1);
     let mut worker_threads = Vec::with_capacity(workers);
+    let mut hand_off = Vec::with_capacity(workers);
     for n in 0..workers {
-        let listener = grpc_std.try_clone().map_err(|source| Error::Bind {
-            addr: config.serve.listen.clone(),
-            source,
-        })?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        hand_off.push(tx);
         let shared = shared.clone();
         let svc = make_svc();
         let shutdown = shutdown.clone();
         let handle = std::thread::Builder::new()
             .name(format!("cactl-grpc-{n}"))
-            .spawn(move || grpc_worker(listener, shared, svc, shutdown))
+            .spawn(move || grpc_worker(rx, shared, svc, shutdown))
             .map_err(|source| Error::Bind {
                 addr: config.serve.listen.clone(),
                 source,
             })?;
         worker_threads.push(handle);
     }
+    let acceptor = tokio::spawn(accept_loop(
+        TcpListener::from_std(grpc_std).map_err(|source| Error::Bind {
+            addr: config.serve.listen.clone(),
+            source,
+        })?,
+        hand_off,
+        shutdown.clone(),
+    ));
 
     // With a lease, one replica rotates and pushes; every replica signs.
     let mut elector_task = None;
@@ -369,6 +378,7 @@ pub async fn run(
             Ok(())
         }
     };
+    acceptor.abort();
     let worker_results = tokio::task::spawn_blocking(move || {
         worker_threads
             .into_iter()
@@ -629,10 +639,50 @@ fn rotation_thread(
     });
 }
 
-/// One gRPC worker: a current-thread runtime that accepts, handshakes and serves until
-/// shutdown, then lets in-flight requests finish.
+/// Accepts connections and hands them to the workers in turn until shutdown.
+async fn accept_loop(
+    listener: TcpListener,
+    workers: Vec<tokio::sync::mpsc::UnboundedSender<(std::net::TcpStream, std::net::SocketAddr)>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut next = 0usize;
+    loop {
+        tokio::select! {
+            () = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => {
+                let (tcp, peer) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                // Moves the socket out of this runtime (it stays non-blocking) into a worker's.
+                let tcp = match tcp.into_std() {
+                    Ok(t) => t,
+                    Err(e) => {
+                        tracing::warn!(%peer, error = %e, "cannot hand a connection to a worker");
+                        continue;
+                    }
+                };
+                let Some(worker) = workers.get(next % workers.len().max(1)) else {
+                    break;
+                };
+                next = next.wrapping_add(1);
+                if worker.send((tcp, peer)).is_err() {
+                    tracing::warn!(%peer, "a gRPC worker has stopped; connection dropped");
+                }
+            }
+        }
+    }
+}
+
+/// One gRPC worker: a current-thread runtime that handshakes and serves the connections it is
+/// handed until shutdown, then lets in-flight requests finish.
 fn grpc_worker(
-    listener: std::net::TcpListener,
+    mut incoming: tokio::sync::mpsc::UnboundedReceiver<(std::net::TcpStream, std::net::SocketAddr)>,
     shared: Arc<Shared>,
     svc: IstioCertificateServiceServer<CaService>,
     shutdown: watch::Receiver<bool>,
@@ -642,24 +692,22 @@ fn grpc_worker(
         .build()
         .map_err(|e| format!("worker runtime: {e}"))?;
     rt.block_on(async move {
-        let listener = TcpListener::from_std(listener).map_err(|e| format!("listener: {e}"))?;
         let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(256);
         let mut accept_shutdown = shutdown.clone();
-        // TLS handshakes run in their own tasks so a slow client never blocks accepting.
+        // TLS handshakes run in their own tasks so a slow client never blocks the others.
         let acceptor = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     () = stopped(&mut accept_shutdown) => break,
-                    accepted = listener.accept() => {
-                        let (tcp, peer) = match accepted {
-                            Ok(x) => x,
+                    handed = incoming.recv() => {
+                        let Some((tcp, peer)) = handed else { break };
+                        let tcp = match tokio::net::TcpStream::from_std(tcp) {
+                            Ok(t) => t,
                             Err(e) => {
-                                tracing::warn!(error = %e, "accept failed");
-                                tokio::time::sleep(Duration::from_millis(50)).await;
+                                tracing::warn!(%peer, error = %e, "cannot adopt a connection");
                                 continue;
                             }
                         };
-                        let _ = tcp.set_nodelay(true);
                         let acceptor = TlsAcceptor::from(shared.tls_config.load_full());
                         let tx = conn_tx.clone();
                         tokio::spawn(async move {
