@@ -130,7 +130,8 @@ pub struct ServeConfig {
 pub enum VerifyIssued {
     /// Also verify every leaf's signature.
     Full,
-    /// Issuer chains cryptographically at load, each leaf structurally.
+    /// Issuer chains cryptographically at load, with a self-test leaf checked in full; each
+    /// leaf's validity against its issuer's, before it is encoded from the issuer's template.
     Structural,
 }
 

@@ -1,0 +1,48 @@
+//! `cactl bench` end to end: it starts a real server, drives it over TLS + HTTP/2 with both
+//! client styles, and reports what it measured. Short levels: this checks the harness, not the
+//! figures (those are in BENCHMARKS.md, from release builds).
+
+use std::process::Command;
+
+#[test]
+fn bench_drives_a_real_server_without_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cactl"))
+        .current_dir(dir.path())
+        .args([
+            "--output",
+            "json",
+            "bench",
+            "--concurrency",
+            "1,8",
+            "--duration",
+            "1s",
+            "--warmup",
+            "200ms",
+            "--connections",
+            "3",
+            "--styles",
+            "ztunnel,agent",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["styles"], serde_json::json!(["ztunnel", "agent"]));
+    let levels = report["levels"].as_array().unwrap();
+    assert_eq!(levels.len(), 2);
+    for (level, conc) in levels.iter().zip([1, 8]) {
+        assert_eq!(level["concurrency"], conc);
+        assert_eq!(level["errors"], 0, "{level}");
+        assert!(level["ok"].as_u64().unwrap() > 0, "{level}");
+        assert!(
+            level["server_cpu_us_per_cert"].as_f64().unwrap() > 0.0,
+            "{level}"
+        );
+        assert!(level["ratio_to_limit"].as_f64().unwrap() > 0.0, "{level}");
+        assert!(level["p99_ms"].as_f64().unwrap() >= level["p50_ms"].as_f64().unwrap());
+    }
+    assert!(report["raw"]["verify_us"].as_f64().unwrap() > 0.0);
+    assert!(report["raw"]["sign_us"].as_f64().unwrap() > 0.0);
+}
