@@ -3,7 +3,6 @@
 //! certificates. The clock is an argument; the only side effects are key generation and the
 //! root backend.
 
-use ring::rand::SystemRandom;
 use time::OffsetDateTime;
 
 use crate::backend::RootAuthority;
@@ -310,7 +309,7 @@ pub struct ClusterIssuer {
     roots: Vec<Vec<u8>>,
     /// PEM of each intermediate, then the bundle as one PEM text (Istio's response tail).
     response_tail: Vec<String>,
-    rng: SystemRandom,
+    serials: crate::pki::leaf::SerialPool,
 }
 
 /// A signed workload certificate with everything a client needs.
@@ -378,7 +377,7 @@ impl ClusterIssuer {
             intermediates,
             roots,
             response_tail,
-            rng: SystemRandom::new(),
+            serials: crate::pki::leaf::SerialPool::default(),
         };
         // Self-test: the key signs, and what it signs verifies up to the bundle.
         let probe = crate::policy::Approved {
@@ -513,7 +512,12 @@ impl ClusterIssuer {
             ttl: approved.ttl,
             rsa_key: approved.rsa_key,
         };
-        let (leaf, serial) = template::issue_leaf(&spec, &approved.spki, &self.signer, &self.rng)?;
+        let (leaf, serial) = template::issue_leaf_with_serial(
+            &spec,
+            &approved.spki,
+            &self.signer,
+            self.serials.next()?,
+        )?;
         if full {
             self.check(&leaf, approved)?;
         }

@@ -47,9 +47,7 @@ pub struct ParsedCsr {
     pub spki: Vec<u8>,
     /// Key kind.
     pub key: CsrKey,
-    /// Subject in RFC 4514 form.
-    pub subject: String,
-    /// Raw DER of the subject.
+    /// Raw DER of the subject (see [`ParsedCsr::subject`] for its text).
     pub subject_raw: Vec<u8>,
     /// Number of attribute values in the subject and whether all of them are empty.
     pub subject_attributes: usize,
@@ -71,6 +69,23 @@ pub struct ParsedCsr {
     pub sha1_signature: bool,
 }
 
+impl ParsedCsr {
+    /// The subject in RFC 4514 form (formatted on demand: the signing path never needs it).
+    pub fn subject(&self) -> String {
+        x509_parser::x509::X509Name::from_der(&self.subject_raw)
+            .map(|(_, name)| name.to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// Signature algorithms with SHA-1, by the DER of their OID: sha1WithRSAEncryption
+/// (1.2.840.113549.1.1.5), OIW sha1WithRSA (1.3.14.3.2.29), ecdsa-with-SHA1 (1.2.840.10045.4.1).
+const SHA1_SIGNATURES: [&[u8]; 3] = [
+    &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x05],
+    &[0x2b, 0x0e, 0x03, 0x02, 0x1d],
+    &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x01],
+];
+
 /// Decodes a DER CSR and verifies its self-signature.
 pub fn parse_and_verify(der: &[u8]) -> Result<ParsedCsr, Error> {
     let (rest, csr) =
@@ -78,11 +93,8 @@ pub fn parse_and_verify(der: &[u8]) -> Result<ParsedCsr, Error> {
     if !rest.is_empty() {
         return Err(Error::Csr("trailing data after the CSR".into()));
     }
-    let sig_oid = csr.signature_algorithm.algorithm.to_id_string();
-    let sha1_signature = matches!(
-        sig_oid.as_str(),
-        "1.2.840.113549.1.1.5" | "1.3.14.3.2.29" | "1.2.840.10045.4.1"
-    );
+    let sig_alg = &csr.signature_algorithm.algorithm;
+    let sha1_signature = SHA1_SIGNATURES.contains(&sig_alg.as_bytes());
     let info = &csr.certification_request_info;
     let spki = &info.subject_pki;
     let key = if spki.algorithm.algorithm == OID_PKCS1_RSAENCRYPTION {
@@ -116,7 +128,10 @@ pub fn parse_and_verify(der: &[u8]) -> Result<ParsedCsr, Error> {
     }
     csr.verify_signature().map_err(|e| match e {
         x509_parser::error::X509Error::SignatureUnsupportedAlgorithm => {
-            Error::Csr(format!("unsupported CSR signature algorithm {sig_oid}"))
+            Error::Csr(format!(
+                "unsupported CSR signature algorithm {}",
+                sig_alg.to_id_string()
+            ))
         }
         _ => Error::CsrSignature,
     })?;
@@ -139,7 +154,6 @@ pub fn parse_and_verify(der: &[u8]) -> Result<ParsedCsr, Error> {
     let mut parsed = ParsedCsr {
         spki: spki.raw.to_vec(),
         key,
-        subject: info.subject.to_string(),
         subject_raw: info.subject.as_raw().to_vec(),
         subject_attributes,
         subject_all_empty,
@@ -237,6 +251,7 @@ mod tests {
         assert_eq!(csr.key, CsrKey::EcdsaP256);
         assert_eq!(csr.subject_attributes, 1);
         assert!(csr.subject_all_empty);
+        assert_eq!(csr.subject(), "O=");
         assert!(!csr.has_common_name);
         assert_eq!(csr.uris, vec!["spiffe://cluster.local/ns/a/sa/b"]);
         assert_eq!(
@@ -258,7 +273,20 @@ mod tests {
         let csr = parse_pem_and_verify(&pem).unwrap();
         assert_eq!(csr.key, CsrKey::EcdsaP384);
         assert_eq!(csr.subject_attributes, 0);
+        assert_eq!(csr.subject(), "");
         assert_eq!(csr.dns, vec!["x.example"]);
+    }
+
+    #[test]
+    fn sha1_signature_oids_are_the_ones_named() {
+        let names: Vec<String> = SHA1_SIGNATURES
+            .iter()
+            .map(|der| x509_parser::der_parser::oid::Oid::new((*der).into()).to_id_string())
+            .collect();
+        assert_eq!(
+            names,
+            ["1.2.840.113549.1.1.5", "1.3.14.3.2.29", "1.2.840.10045.4.1"]
+        );
     }
 
     #[test]

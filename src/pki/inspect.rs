@@ -82,7 +82,7 @@ fn describe_cert(out: &mut String, der: &[u8], now: time::OffsetDateTime) -> Res
 fn describe_csr(out: &mut String, der: &[u8]) -> Result<(), Error> {
     let sig = match csr::parse_and_verify(der) {
         Ok(c) => {
-            let _ = writeln!(out, "    subject:    {}", empty_as_dash(&c.subject));
+            let _ = writeln!(out, "    subject:    {}", empty_as_dash(&c.subject()));
             let _ = writeln!(out, "    key:        {}", c.key);
             for u in &c.uris {
                 let _ = writeln!(out, "    URI SAN:    {u}");

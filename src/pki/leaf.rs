@@ -203,11 +203,62 @@ impl LeafTemplate {
 pub fn random_serial(rng: &dyn SecureRandom) -> Result<Serial, Error> {
     let mut bytes = [0u8; 16];
     rng.fill(&mut bytes).map_err(|_| Error::Random)?;
+    Ok(positive(bytes))
+}
+
+/// Makes 16 random bytes a positive 16-byte DER INTEGER.
+fn positive(mut bytes: Serial) -> Serial {
     bytes[0] &= 0x7f;
     if bytes[0] == 0 {
         bytes[0] = 0x01;
     }
-    Ok(bytes)
+    bytes
+}
+
+/// How many serials one draw from the system generator yields.
+const SERIAL_BATCH: usize = 64;
+
+/// Serials for the signing path, drawn from the system generator in batches: one system call
+/// per [`SERIAL_BATCH`] certificates instead of one each. Every serial is still 120 bits of
+/// the system generator's output; none is handed out twice.
+pub struct SerialPool {
+    rng: ring::rand::SystemRandom,
+    batch: std::sync::Mutex<([u8; 16 * SERIAL_BATCH], usize)>,
+}
+
+impl std::fmt::Debug for SerialPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SerialPool").finish_non_exhaustive()
+    }
+}
+
+impl Default for SerialPool {
+    fn default() -> Self {
+        Self {
+            rng: ring::rand::SystemRandom::new(),
+            // Starts used up: the first call draws a batch.
+            batch: std::sync::Mutex::new(([0; 16 * SERIAL_BATCH], SERIAL_BATCH)),
+        }
+    }
+}
+
+impl SerialPool {
+    /// The next serial.
+    pub fn next(&self) -> Result<Serial, Error> {
+        let mut guard = self.batch.lock().map_err(|_| Error::Random)?;
+        let (bytes, used) = &mut *guard;
+        if *used >= SERIAL_BATCH {
+            self.rng.fill(bytes).map_err(|_| Error::Random)?;
+            *used = 0;
+        }
+        let mut serial = [0u8; 16];
+        let start = *used * 16;
+        serial.copy_from_slice(bytes.get(start..start + 16).ok_or(Error::Random)?);
+        // Forget it here once handed out.
+        bytes[start..start + 16].fill(0);
+        *used += 1;
+        Ok(positive(serial))
+    }
 }
 
 /// The length of a TLV whose content is `len` bytes long.
@@ -442,6 +493,17 @@ mod tests {
         for _ in 0..256 {
             let s = random_serial(&rng).unwrap();
             assert!(s[0] != 0 && s[0] & 0x80 == 0, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn pooled_serials_are_positive_and_distinct_across_batches() {
+        let pool = SerialPool::default();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..(3 * SERIAL_BATCH + 5) {
+            let s = pool.next().unwrap();
+            assert!(s[0] != 0 && s[0] & 0x80 == 0, "{s:?}");
+            assert!(seen.insert(s), "serial handed out twice");
         }
     }
 

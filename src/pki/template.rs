@@ -364,6 +364,16 @@ pub fn issue_leaf(
     signer: &CaSigner,
     rng: &dyn SecureRandom,
 ) -> Result<(Vec<u8>, Serial), Error> {
+    issue_leaf_with_serial(spec, subject_spki, signer, super::leaf::random_serial(rng)?)
+}
+
+/// [`issue_leaf`] with a serial drawn by the caller (from a [`super::leaf::SerialPool`]).
+pub fn issue_leaf_with_serial(
+    spec: &LeafSpec,
+    subject_spki: &[u8],
+    signer: &CaSigner,
+    serial: Serial,
+) -> Result<(Vec<u8>, Serial), Error> {
     if signer.not_after <= spec.now {
         return Err(Error::Chain("the issuing CA has expired".into()));
     }
@@ -378,7 +388,6 @@ pub fn issue_leaf(
     if !uri.is_ascii() {
         return Err(Error::Generate("identity is not an IA5 string".into()));
     }
-    let serial = super::leaf::random_serial(rng)?;
     let fields = LeafFields {
         serial: &serial,
         not_before,
