@@ -490,6 +490,8 @@ async fn h2_connect(
         .await
         .map_err(|e| setup(&e))?;
     tcp.set_nodelay(true).map_err(|e| setup(&e))?;
+    // Requests that are ready together leave together, as the server's responses do.
+    let tcp = crate::coalesce::Coalesced::new(tcp);
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await

@@ -16,6 +16,7 @@ pub mod cacerts;
 pub mod cli;
 pub mod client;
 pub mod cluster;
+pub mod coalesce;
 pub mod config;
 pub mod devtoken;
 pub mod fsutil;

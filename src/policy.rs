@@ -218,7 +218,9 @@ mod tests {
         let mut rsa = csr();
         rsa.key = CsrKey::Rsa(2048);
         // SEQUENCE { SET { SEQUENCE { organizationName, UTF8String "" } } }: "O="
-        rsa.subject_raw = vec![0x30, 0x0b, 0x31, 0x09, 0x30, 0x07, 0x06, 0x03, 0x55, 0x04, 0x0a, 0x0c, 0x00];
+        rsa.subject_raw = vec![
+            0x30, 0x0b, 0x31, 0x09, 0x30, 0x07, 0x06, 0x03, 0x55, 0x04, 0x0a, 0x0c, 0x00,
+        ];
         rsa.subject_attributes = 1;
         let ok = policy()
             .evaluate(&rsa, None, Some(&id("spiffe://cluster.local/ns/a/sa/b")))

@@ -702,7 +702,7 @@ fn grpc_worker(
                     handed = incoming.recv() => {
                         let Some((tcp, peer)) = handed else { break };
                         let tcp = match tokio::net::TcpStream::from_std(tcp) {
-                            Ok(t) => t,
+                            Ok(t) => crate::coalesce::Coalesced::new(t),
                             Err(e) => {
                                 tracing::warn!(%peer, error = %e, "cannot adopt a connection");
                                 continue;

@@ -127,12 +127,10 @@ pub fn parse_and_verify(der: &[u8]) -> Result<ParsedCsr, Error> {
         return Err(Error::WeakKey(format!("RSA-{bits}")));
     }
     csr.verify_signature().map_err(|e| match e {
-        x509_parser::error::X509Error::SignatureUnsupportedAlgorithm => {
-            Error::Csr(format!(
-                "unsupported CSR signature algorithm {}",
-                sig_alg.to_id_string()
-            ))
-        }
+        x509_parser::error::X509Error::SignatureUnsupportedAlgorithm => Error::Csr(format!(
+            "unsupported CSR signature algorithm {}",
+            sig_alg.to_id_string()
+        )),
         _ => Error::CsrSignature,
     })?;
 
