@@ -512,13 +512,13 @@ async fn h2_connect(
 /// and a chain of at least two elements.
 async fn call(
     send: &h2::client::SendRequest<bytes::Bytes>,
-    authority: &str,
+    uri: &http::Uri,
     p: &Prepared,
 ) -> Result<(), String> {
     use prost::Message as _;
-    let mut request = http::Request::post(format!("https://{authority}{CREATE_CERTIFICATE}"))
-        .body(())
-        .map_err(|e| e.to_string())?;
+    let mut request = http::Request::new(());
+    *request.method_mut() = http::Method::POST;
+    *request.uri_mut() = uri.clone();
     *request.headers_mut() = p.headers.clone();
     let mut send = send.clone().ready().await.map_err(|e| e.to_string())?;
     let (response, mut stream) = send
@@ -564,6 +564,9 @@ async fn drive(
     conc: usize,
     dur: Duration,
 ) -> (u64, u64, Vec<u64>, f64) {
+    let Ok(uri) = format!("https://{authority}{CREATE_CERTIFICATE}").parse::<http::Uri>() else {
+        return (0, 1, Vec::new(), 0.0);
+    };
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
@@ -571,7 +574,7 @@ async fn drive(
     let mut tasks = Vec::new();
     for w in 0..conc {
         let send = connections[w % connections.len()].clone();
-        let authority = authority.to_owned();
+        let uri = uri.clone();
         let stop = stop.clone();
         let ok = ok.clone();
         let errors = errors.clone();
@@ -585,7 +588,7 @@ async fn drive(
                 };
                 i += conc;
                 let t = Instant::now();
-                match call(&send, &authority, p).await {
+                match call(&send, &uri, p).await {
                     Ok(()) => {
                         lat.push(t.elapsed().as_micros() as u64);
                         ok.fetch_add(1, Ordering::Relaxed);
