@@ -37,6 +37,8 @@ struct Shared {
     state: Mutex<State>,
     /// Wakes the companion task.
     flush: Notify,
+    /// Tells the companion the connection is closing (holds a permit once it is).
+    closed: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +82,7 @@ impl Drop for Coalesced {
         // Let the companion send what is left, shut the write side and end.
         self.shared.lock().closing = true;
         self.shared.flush.notify_one();
+        self.shared.closed.notify_one();
     }
 }
 
@@ -134,12 +137,14 @@ async fn companion(mut write: OwnedWriteHalf, shared: Arc<Shared>) {
         if let Some(w) = waker {
             w.wake();
         }
-        let written = if closing {
-            tokio::time::timeout(CLOSE_TIMEOUT, write.write_all(&out))
-                .await
-                .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
-        } else {
-            write.write_all(&out).await
+        // A peer that stops reading holds this write; once the connection is closing it gets
+        // CLOSE_TIMEOUT more, so a closed connection never keeps its companion for good.
+        let written = tokio::select! {
+            r = write.write_all(&out) => r,
+            () = async {
+                shared.closed.notified().await;
+                tokio::time::sleep(CLOSE_TIMEOUT).await;
+            } => Err(io::ErrorKind::TimedOut.into()),
         };
         if let Err(e) = written {
             let waker = {
@@ -226,10 +231,14 @@ impl AsyncWrite for Coalesced {
         if st.closed {
             return Poll::Ready(st.error().map_or(Ok(()), Err));
         }
+        let first = !st.closing;
         st.closing = true;
         st.writer = Some(cx.waker().clone());
         drop(st);
         self.shared.flush.notify_one();
+        if first {
+            self.shared.closed.notify_one();
+        }
         Poll::Pending
     }
 }
@@ -300,6 +309,31 @@ mod tests {
         assert_eq!(reader.await.unwrap(), big);
         // Writing after shutdown is an error, not a silent drop.
         assert!(server.write_all(b"late").await.is_err());
+    }
+
+    #[tokio::test(flavor = "current_thread", start_paused = true)]
+    async fn a_peer_that_never_reads_does_not_hold_a_closed_connection() {
+        let (mut server, client) = pair().await;
+        let shared = server.shared.clone();
+        // Fill the socket buffers and ours: the peer reads nothing.
+        let chunk = vec![7u8; 64 * 1024];
+        loop {
+            let write =
+                tokio::time::timeout(std::time::Duration::from_secs(1), server.write_all(&chunk));
+            if write.await.is_err() {
+                break;
+            }
+        }
+        drop(server);
+        tokio::time::sleep(CLOSE_TIMEOUT + std::time::Duration::from_secs(1)).await;
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(
+            shared.lock().closed,
+            "the companion still holds the connection"
+        );
+        drop(client);
     }
 
     #[tokio::test(flavor = "current_thread")]
