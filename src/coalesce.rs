@@ -70,11 +70,6 @@ impl Coalesced {
             remote,
         }
     }
-
-    /// The peer's address.
-    pub fn remote_addr(&self) -> Option<SocketAddr> {
-        self.remote
-    }
 }
 
 impl Drop for Coalesced {

@@ -237,11 +237,12 @@ pub async fn run(
             .max_encoding_message_size(4 * 1024 * 1024)
     };
 
-    // One single-threaded runtime per core, each serving the connections it is handed. A FIFO
-    // scheduler lets the responses of all streams that finished in one pass go out in one
-    // write, instead of one write per response. One acceptor deals connections to the workers
-    // in turn: clients keep few, long-lived connections (a ztunnel per node), and workers
-    // racing for them on a shared listener can leave a core idle.
+    // One single-threaded runtime per core, each serving the connections it is handed. With a
+    // FIFO scheduler and coalesced connections (`crate::coalesce`), the responses of all
+    // streams that finish in one pass go out in one send, instead of one send per response.
+    // One acceptor deals connections to the workers in turn: clients keep few, long-lived
+    // connections (a ztunnel per node), and workers racing for them on a shared listener can
+    // leave a core idle.
     let workers = config
         .serve
         .workers
