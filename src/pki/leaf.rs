@@ -290,8 +290,8 @@ fn header(out: &mut Vec<u8>, tag: u8, len: usize) {
     }
 }
 
-/// One TLV as a new vector.
-fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+/// One DER TLV (definite length) as a new vector.
+pub(super) fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(tlv_len(content.len()));
     header(&mut out, tag, content.len());
     out.extend_from_slice(content);
@@ -396,28 +396,17 @@ mod tests {
     #[test]
     fn encoding_is_rcgens_for_every_ca_key_and_subject_key() {
         let now = datetime!(2026-03-04 05:06:07.891 UTC);
-        let ec = SecretKey::generate(KeyAlgorithm::EcdsaP256)
-            .unwrap()
-            .public_key_spki();
+        let ec = p256_spki();
         let rsa = SecretKey::generate(KeyAlgorithm::Rsa2048)
             .unwrap()
             .public_key_spki();
         let long_ns = "n".repeat(63);
         let long_sa = "s".repeat(120);
-        for algorithm in [
-            KeyAlgorithm::EcdsaP256,
-            KeyAlgorithm::EcdsaP384,
-            KeyAlgorithm::Rsa2048,
-        ] {
+        for algorithm in CA_ALGORITHMS {
             let signer = ca(algorithm, now - Duration::days(1));
             for (spki, rsa_key) in [(&ec, false), (&rsa, true)] {
                 for (ns, sa) in [("default", "sleep"), (long_ns.as_str(), long_sa.as_str())] {
-                    let spec = LeafSpec {
-                        identity: SpiffeId::new("cluster.local", ns, sa).unwrap(),
-                        now,
-                        ttl: Duration::hours(24),
-                        rsa_key,
-                    };
+                    let spec = spec(ns, sa, now, Duration::hours(24), rsa_key);
                     let serial = [0x7f, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 0xff];
                     let (reference, ours) = both(&signer, &spec, spki, &serial);
                     assert_eq!(
@@ -430,20 +419,34 @@ mod tests {
         }
     }
 
+    const CA_ALGORITHMS: [KeyAlgorithm; 3] = [
+        KeyAlgorithm::EcdsaP256,
+        KeyAlgorithm::EcdsaP384,
+        KeyAlgorithm::Rsa2048,
+    ];
+
+    fn spec(ns: &str, sa: &str, now: OffsetDateTime, ttl: Duration, rsa_key: bool) -> LeafSpec {
+        LeafSpec {
+            identity: SpiffeId::new("cluster.local", ns, sa).unwrap(),
+            now,
+            ttl,
+            rsa_key,
+        }
+    }
+
+    fn p256_spki() -> Vec<u8> {
+        SecretKey::generate(KeyAlgorithm::EcdsaP256)
+            .unwrap()
+            .public_key_spki()
+    }
+
     #[test]
     fn times_from_2050_are_generalized_like_rcgens() {
         // A CA from 2049 and a leaf whose NotAfter crosses into 2050.
         let now = datetime!(2049-12-31 23:30:00 UTC);
         let signer = ca(KeyAlgorithm::EcdsaP256, now - Duration::days(1));
-        let spki = SecretKey::generate(KeyAlgorithm::EcdsaP256)
-            .unwrap()
-            .public_key_spki();
-        let spec = LeafSpec {
-            identity: SpiffeId::new("cluster.local", "default", "sleep").unwrap(),
-            now,
-            ttl: Duration::hours(24),
-            rsa_key: false,
-        };
+        let spki = p256_spki();
+        let spec = spec("default", "sleep", now, Duration::hours(24), false);
         let (reference, ours) = both(&signer, &spec, &spki, &[0x11; 16]);
         assert_eq!(hex::encode(&ours), hex::encode(&reference));
         let text = String::from_utf8_lossy(&ours);
@@ -455,21 +458,10 @@ mod tests {
     fn signed_leaf_verifies_under_its_ca_for_every_algorithm() {
         let now = datetime!(2026-03-04 05:06:07 UTC);
         let rng = SystemRandom::new();
-        for algorithm in [
-            KeyAlgorithm::EcdsaP256,
-            KeyAlgorithm::EcdsaP384,
-            KeyAlgorithm::Rsa2048,
-        ] {
+        for algorithm in CA_ALGORITHMS {
             let signer = ca(algorithm, now - Duration::days(1));
-            let spki = SecretKey::generate(KeyAlgorithm::EcdsaP256)
-                .unwrap()
-                .public_key_spki();
-            let spec = LeafSpec {
-                identity: SpiffeId::new("cluster.local", "ns1", "sa1").unwrap(),
-                now,
-                ttl: Duration::hours(1),
-                rsa_key: false,
-            };
+            let spki = p256_spki();
+            let spec = spec("ns1", "sa1", now, Duration::hours(1), false);
             let (der, serial) =
                 crate::pki::template::issue_leaf(&spec, &spki, &signer, &rng).unwrap();
             let (rest, leaf) = X509Certificate::from_der(&der).unwrap();

@@ -16,7 +16,7 @@ use time::{Duration, OffsetDateTime};
 
 use super::Error;
 use super::key::SecretKey;
-use super::leaf::{LeafFields, LeafTemplate, Serial};
+use super::leaf::{LeafFields, LeafTemplate, Serial, tlv};
 use super::spiffe::SpiffeId;
 
 /// How far a leaf's NotBefore is moved into the past, to absorb clock skew (istiod: 2 min).
@@ -458,29 +458,13 @@ fn uri_name_constraint_extension(trust_domain: &str) -> CustomExtension {
     // NameConstraints ::= SEQUENCE { permittedSubtrees [0] IMPLICIT GeneralSubtrees }
     // GeneralSubtree  ::= SEQUENCE { base GeneralName }   -- minimum 0 (default), no maximum
     // GeneralName     ::= uniformResourceIdentifier [6] IMPLICIT IA5String
-    let uri = der_tlv(0x86, trust_domain.as_bytes());
-    let subtree = der_tlv(0x30, &uri);
-    let permitted = der_tlv(0xa0, &subtree);
-    let value = der_tlv(0x30, &permitted);
+    let uri = tlv(0x86, trust_domain.as_bytes());
+    let subtree = tlv(0x30, &uri);
+    let permitted = tlv(0xa0, &subtree);
+    let value = tlv(0x30, &permitted);
     let mut ext = CustomExtension::from_oid_content(&[2, 5, 29, 30], value);
     ext.set_criticality(true);
     ext
-}
-
-/// One DER TLV with a definite length.
-fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let mut out = vec![tag];
-    let len = content.len();
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes = len.to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-    out.extend_from_slice(content);
-    out
 }
 
 #[cfg(test)]
@@ -786,9 +770,9 @@ mod tests {
 
     #[test]
     fn der_lengths() {
-        assert_eq!(der_tlv(0x04, &[1, 2]), vec![0x04, 2, 1, 2]);
+        assert_eq!(tlv(0x04, &[1, 2]), vec![0x04, 2, 1, 2]);
         let long = vec![0u8; 300];
-        let enc = der_tlv(0x04, &long);
+        let enc = tlv(0x04, &long);
         assert_eq!(&enc[..4], &[0x04, 0x82, 0x01, 0x2c]);
     }
 }
