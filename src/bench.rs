@@ -51,9 +51,15 @@ pub struct Options {
     pub workdir: Option<PathBuf>,
     /// Pin the server to these CPUs (taskset list), if set.
     pub server_cpus: Option<String>,
+    /// Time for each raw crypto measurement (taken before the first level and after each).
+    pub raw_budget: Duration,
 }
 
 /// Raw crypto cost of one certificate: verify a P-256 CSR signature, make one P-256 signature.
+///
+/// Measured twice: on one thread (the cost of the operations) and on every core at once (the
+/// limit of the machine). Cores of a virtual machine often share physical cores or caches with
+/// each other or with other tenants, so all cores together usually do less than cores × one.
 #[derive(Clone, Debug, Serialize)]
 pub struct RawCost {
     /// µs per P-256 verify.
@@ -66,6 +72,29 @@ pub struct RawCost {
     pub limit_per_core: f64,
     /// Same with RSA-2048 CSRs.
     pub limit_per_core_rsa_csr: f64,
+    /// Threads run at once for `limit_all_cores` (one per available core).
+    pub threads: usize,
+    /// P-256-CSR certificates per second with every thread verifying and signing at once.
+    pub limit_all_cores: f64,
+}
+
+impl RawCost {
+    /// Raw µs per certificate on one thread for a mix with `rsa_share` RSA-2048 CSRs.
+    fn mix_us(&self, rsa_share: f64) -> f64 {
+        rsa_share * (self.rsa_verify_us + self.sign_us)
+            + (1.0 - rsa_share) * (self.verify_us + self.sign_us)
+    }
+
+    /// Certificates per second on all cores for the mix: the measured all-core P-256 limit,
+    /// scaled by the mix's single-thread cost.
+    fn mix_limit_all_cores(&self, rsa_share: f64) -> f64 {
+        let mix = self.mix_us(rsa_share);
+        if mix > 0.0 {
+            self.limit_all_cores * (self.verify_us + self.sign_us) / mix
+        } else {
+            0.0
+        }
+    }
 }
 
 /// One concurrency level's result.
@@ -87,10 +116,18 @@ pub struct LevelResult {
     pub p999_ms: f64,
     /// Server CPU seconds per certificate, in µs.
     pub server_cpu_us_per_cert: f64,
-    /// Throughput ÷ (raw limit per core × cores).
+    /// The raw limit for this level: certificates per second on all cores for the request mix,
+    /// the mean of the measurements just before and just after the level.
+    pub limit: f64,
+    /// Throughput ÷ `limit`.
     pub ratio_to_limit: f64,
-    /// Server CPU per certificate ÷ raw crypto cost per certificate (for the request mix).
+    /// Throughput ÷ (one thread's raw limit × cores): the ratio as if cores added up perfectly.
+    pub ratio_to_cores_times_one: f64,
+    /// Server CPU per certificate ÷ raw crypto cost per certificate on one thread (for the mix).
     pub cpu_over_raw: f64,
+    /// Server CPU per certificate ÷ raw crypto cost per certificate per thread with all cores
+    /// busy (threads ÷ `limit`): what the crypto itself costs under the same load.
+    pub cpu_over_raw_loaded: f64,
     /// Server resident memory at the end of the level, KiB.
     pub server_rss_kib: u64,
 }
@@ -104,7 +141,7 @@ pub struct Report {
     pub styles: Vec<String>,
     /// Raw crypto cost measured before the levels.
     pub raw: RawCost,
-    /// Raw crypto cost measured after the levels.
+    /// Raw crypto cost measured after the last level.
     pub raw_after: RawCost,
     /// Per level.
     pub levels: Vec<LevelResult>,
@@ -112,19 +149,13 @@ pub struct Report {
     pub verify_issued: String,
 }
 
-/// Measures the raw crypto cost with ring, single-threaded, for about `budget`.
-pub fn raw_cost(budget: Duration) -> Result<RawCost, Error> {
+/// Measures the raw crypto cost with ring for about `budget`: half of it each operation on one
+/// thread, half of it verify + sign pairs on `threads` threads at once.
+pub fn raw_cost(budget: Duration, threads: usize) -> Result<RawCost, Error> {
     let rng = SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng)
-        .map_err(|_| Error::Setup("keygen".into()))?;
-    let kp = EcdsaKeyPair::from_pkcs8(
-        &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
-        pkcs8.as_ref(),
-        &rng,
-    )
-    .map_err(|_| Error::Setup("key".into()))?;
+    let kp = p256_key(&rng)?;
     let msg = [7u8; 512];
-    let per = budget / 3;
+    let per = budget / 6;
     let t = Instant::now();
     let mut n = 0u64;
     let mut sig = Vec::new();
@@ -171,13 +202,64 @@ pub fn raw_cost(budget: Duration) -> Result<RawCost, Error> {
         n += 1;
     }
     let rsa_verify_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    let threads = threads.max(1);
+    let limit_all_cores = all_cores(budget / 2, threads)?;
     Ok(RawCost {
         verify_us,
         sign_us,
         rsa_verify_us,
         limit_per_core: 1e6 / (verify_us + sign_us),
         limit_per_core_rsa_csr: 1e6 / (rsa_verify_us + sign_us),
+        threads,
+        limit_all_cores,
     })
+}
+
+fn p256_key(rng: &SystemRandom) -> Result<EcdsaKeyPair, Error> {
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, rng)
+        .map_err(|_| Error::Setup("keygen".into()))?;
+    EcdsaKeyPair::from_pkcs8(
+        &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        pkcs8.as_ref(),
+        rng,
+    )
+    .map_err(|_| Error::Setup("key".into()))
+}
+
+/// Certificates' worth of crypto (one P-256 verify + one P-256 sign) per second, with `threads`
+/// threads doing it at once for `dur`.
+fn all_cores(dur: Duration, threads: usize) -> Result<f64, Error> {
+    let workers: Vec<_> = (0..threads)
+        .map(|_| {
+            std::thread::spawn(move || -> Result<f64, Error> {
+                let rng = SystemRandom::new();
+                let kp = p256_key(&rng)?;
+                let pk = signature::UnparsedPublicKey::new(
+                    &signature::ECDSA_P256_SHA256_ASN1,
+                    kp.public_key().as_ref().to_vec(),
+                );
+                let msg = [7u8; 512];
+                let t = Instant::now();
+                let mut n = 0u64;
+                while t.elapsed() < dur {
+                    let sig = kp
+                        .sign(&rng, &msg)
+                        .map_err(|_| Error::Setup("sign".into()))?;
+                    pk.verify(&msg, sig.as_ref())
+                        .map_err(|_| Error::Setup("verify".into()))?;
+                    n += 1;
+                }
+                Ok(n as f64 / t.elapsed().as_secs_f64())
+            })
+        })
+        .collect();
+    let mut total = 0.0;
+    for w in workers {
+        total += w
+            .join()
+            .map_err(|_| Error::Setup("a raw crypto thread panicked".into()))??;
+    }
+    Ok(total)
 }
 
 struct Work {
@@ -340,7 +422,8 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
     crate::tls::install_default_provider();
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     progress("measuring raw crypto cost");
-    let raw = tokio::task::spawn_blocking(|| raw_cost(Duration::from_secs(3)))
+    let raw_budget = opts.raw_budget;
+    let raw = tokio::task::spawn_blocking(move || raw_cost(raw_budget, cores))
         .await
         .map_err(|e| Error::Setup(e.to_string()))??;
 
@@ -368,10 +451,11 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
     // Share of RSA CSRs in the mix, for the raw cost of the mix.
     let rsa_share = opts.styles.iter().filter(|s| *s == "agent").count() as f64
         / opts.styles.len().max(1) as f64;
-    let raw_us = rsa_share * (raw.rsa_verify_us + raw.sign_us)
-        + (1.0 - rsa_share) * (raw.verify_us + raw.sign_us);
 
     let mut levels = Vec::new();
+    // The machine's speed drifts (other tenants, clocks), so each level is compared with raw
+    // measurements taken right before and right after it.
+    let mut before = raw.clone();
     for &conc in &opts.concurrency {
         progress(&format!("concurrency {conc}: warm-up"));
         let _ = drive(&connections, authority, &prepared, conc, opts.warmup).await;
@@ -383,6 +467,11 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
         let (ok, errors, mut lat, elapsed) =
             drive(&connections, authority, &prepared, conc, opts.duration).await;
         let cpu = cpu_seconds(pid) - cpu0;
+        let rss = rss_kib(pid);
+        progress(&format!("concurrency {conc}: measuring raw crypto cost"));
+        let after = tokio::task::spawn_blocking(move || raw_cost(raw_budget, cores))
+            .await
+            .map_err(|e| Error::Setup(e.to_string()))??;
         lat.sort_unstable();
         let pct = |p: f64| -> f64 {
             if lat.is_empty() {
@@ -391,8 +480,17 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
             let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
             lat[i] as f64 / 1000.0
         };
+        let raw_us = (before.mix_us(rsa_share) + after.mix_us(rsa_share)) / 2.0;
+        let limit =
+            (before.mix_limit_all_cores(rsa_share) + after.mix_limit_all_cores(rsa_share)) / 2.0;
+        let loaded_us = if limit > 0.0 {
+            cores as f64 * 1e6 / limit
+        } else {
+            0.0
+        };
         let throughput = ok as f64 / elapsed;
         let cpu_us = if ok > 0 { cpu * 1e6 / ok as f64 } else { 0.0 };
+        let div = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
         levels.push(LevelResult {
             concurrency: conc,
             ok,
@@ -402,16 +500,17 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
             p99_ms: pct(0.99),
             p999_ms: pct(0.999),
             server_cpu_us_per_cert: cpu_us,
-            ratio_to_limit: throughput * raw_us / 1e6 / cores as f64,
-            cpu_over_raw: cpu_us / raw_us,
-            server_rss_kib: rss_kib(pid),
+            limit,
+            ratio_to_limit: div(throughput, limit),
+            ratio_to_cores_times_one: throughput * raw_us / 1e6 / cores as f64,
+            cpu_over_raw: div(cpu_us, raw_us),
+            cpu_over_raw_loaded: div(cpu_us, loaded_us),
+            server_rss_kib: rss,
         });
+        before = after;
     }
     drop(server);
-    progress("measuring raw crypto cost again");
-    let raw_after = tokio::task::spawn_blocking(|| raw_cost(Duration::from_secs(3)))
-        .await
-        .map_err(|e| Error::Setup(e.to_string()))??;
+    let raw_after = before;
     let verify_issued = if opts.serve_extra.contains("full") {
         "full"
     } else {

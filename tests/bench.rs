@@ -23,6 +23,8 @@ fn bench_drives_a_real_server_without_errors() {
             "3",
             "--styles",
             "ztunnel,agent",
+            "--raw-budget",
+            "300ms",
         ])
         .output()
         .unwrap();
@@ -40,9 +42,27 @@ fn bench_drives_a_real_server_without_errors() {
             level["server_cpu_us_per_cert"].as_f64().unwrap() > 0.0,
             "{level}"
         );
-        assert!(level["ratio_to_limit"].as_f64().unwrap() > 0.0, "{level}");
+        let throughput = level["throughput"].as_f64().unwrap();
+        let limit = level["limit"].as_f64().unwrap();
+        assert!(limit > 0.0, "{level}");
+        let ratio = level["ratio_to_limit"].as_f64().unwrap();
+        assert!((ratio - throughput / limit).abs() < 1e-9, "{level}");
+        assert!(
+            level["ratio_to_cores_times_one"].as_f64().unwrap() > 0.0,
+            "{level}"
+        );
+        assert!(level["cpu_over_raw"].as_f64().unwrap() > 0.0, "{level}");
+        assert!(
+            level["cpu_over_raw_loaded"].as_f64().unwrap() > 0.0,
+            "{level}"
+        );
         assert!(level["p99_ms"].as_f64().unwrap() >= level["p50_ms"].as_f64().unwrap());
     }
-    assert!(report["raw"]["verify_us"].as_f64().unwrap() > 0.0);
-    assert!(report["raw"]["sign_us"].as_f64().unwrap() > 0.0);
+    let cores = report["cores"].as_u64().unwrap();
+    for raw in [&report["raw"], &report["raw_after"]] {
+        assert!(raw["verify_us"].as_f64().unwrap() > 0.0, "{raw}");
+        assert!(raw["sign_us"].as_f64().unwrap() > 0.0, "{raw}");
+        assert_eq!(raw["threads"].as_u64().unwrap(), cores, "{raw}");
+        assert!(raw["limit_all_cores"].as_f64().unwrap() > 0.0, "{raw}");
+    }
 }

@@ -282,6 +282,9 @@ pub struct BenchArgs {
     /// Pin the server to these CPUs (taskset syntax).
     #[arg(long)]
     pub server_cpus: Option<String>,
+    /// Time for each raw crypto measurement (before the first level and after each level).
+    #[arg(long, default_value = "2s")]
+    pub raw_budget: String,
 }
 
 /// `cactl cluster` subcommands.
@@ -993,6 +996,7 @@ fn bench(cli: &Cli, args: &BenchArgs) -> Result<()> {
         serve_extra: verify,
         workdir: None,
         server_cpus: args.server_cpus.clone(),
+        raw_budget: dur(&args.raw_budget, "raw-budget")?,
     };
     // The load generator runs on one thread: its HTTP/2 connections and request tasks never
     // contend for locks or wake each other across cores, so it takes as little of the machine

@@ -339,16 +339,22 @@ pub(super) fn bench(format: OutputFormat, r: &crate::bench::Report) {
     match format {
         OutputFormat::Json => outln!("{}", json!(r)),
         OutputFormat::Text => {
-            outln!(
-                "raw crypto (ring, 1 core): P-256 verify {:.1} us, P-256 sign {:.1} us, RSA-2048 verify {:.1} us -> limit {:.0} certs/s/core (P-256 CSRs), {:.0} (RSA CSRs); after the run: {:.0} / {:.0}",
-                r.raw.verify_us,
-                r.raw.sign_us,
-                r.raw.rsa_verify_us,
-                r.raw.limit_per_core,
-                r.raw.limit_per_core_rsa_csr,
-                r.raw_after.limit_per_core,
-                r.raw_after.limit_per_core_rsa_csr
-            );
+            let raw = |label: &str, c: &crate::bench::RawCost| {
+                outln!(
+                    "raw crypto (ring) {label}: 1 thread: P-256 verify {:.1} us, P-256 sign {:.1} us, RSA-2048 verify {:.1} us -> {:.0} certs/s (P-256 CSRs), {:.0} (RSA CSRs); {} threads at once: {:.0} certs/s (P-256 CSRs, {:.2} of {} x one)",
+                    c.verify_us,
+                    c.sign_us,
+                    c.rsa_verify_us,
+                    c.limit_per_core,
+                    c.limit_per_core_rsa_csr,
+                    c.threads,
+                    c.limit_all_cores,
+                    c.limit_all_cores / (c.limit_per_core * c.threads as f64),
+                    c.threads
+                );
+            };
+            raw("before", &r.raw);
+            raw("after", &r.raw_after);
             outln!(
                 "cores {}, mix {:?}, verify_issued {}",
                 r.cores,
@@ -356,21 +362,24 @@ pub(super) fn bench(format: OutputFormat, r: &crate::bench::Report) {
                 r.verify_issued
             );
             outln!(
-                "{:>6} {:>10} {:>7} {:>9} {:>9} {:>9} {:>12} {:>8} {:>8} {:>9}",
+                "{:>5} {:>8} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>7} {:>7} {:>8}",
                 "conc",
                 "certs/s",
                 "errors",
                 "p50 ms",
                 "p99 ms",
                 "p999 ms",
-                "srv CPU us",
+                "srv us",
+                "limit/s",
                 "ratio",
+                "ratio1x",
                 "CPU/raw",
+                "loaded",
                 "RSS KiB"
             );
             for l in &r.levels {
                 outln!(
-                    "{:>6} {:>10.0} {:>7} {:>9.2} {:>9.2} {:>9.2} {:>12.1} {:>8.3} {:>8.2} {:>9}",
+                    "{:>5} {:>8.0} {:>6} {:>7.2} {:>7.2} {:>7.2} {:>8.1} {:>8.0} {:>6.3} {:>7.3} {:>7.2} {:>7.2} {:>8}",
                     l.concurrency,
                     l.throughput,
                     l.errors,
@@ -378,11 +387,17 @@ pub(super) fn bench(format: OutputFormat, r: &crate::bench::Report) {
                     l.p99_ms,
                     l.p999_ms,
                     l.server_cpu_us_per_cert,
+                    l.limit,
                     l.ratio_to_limit,
+                    l.ratio_to_cores_times_one,
                     l.cpu_over_raw,
+                    l.cpu_over_raw_loaded,
                     l.server_rss_kib
                 );
             }
+            outln!(
+                "limit/s: raw crypto on all cores at once (mean of the measurements before and after the level); ratio = certs/s / limit; ratio1x = certs/s / (cores x one thread's limit); CPU/raw = server CPU per cert / one thread's raw cost; loaded = / the raw cost per thread with all cores busy"
+            );
         }
     }
 }
