@@ -247,17 +247,6 @@ impl AsyncWrite for Coalesced {
     }
 }
 
-impl tonic::transport::server::Connected for Coalesced {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        tonic::transport::server::TcpConnectInfo {
-            local_addr: self.local,
-            remote_addr: self.remote,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use tokio::io::AsyncReadExt as _;

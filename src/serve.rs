@@ -17,13 +17,13 @@ use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tower_service::Service as _;
 
 use crate::authority::{Authority, IssuerSet};
 use crate::config::{Config, Loaded, to_time};
-use crate::grpc::CaService;
 use crate::grpc::authn::TokenAuthenticator;
 use crate::grpc::proto::istio_certificate_service_server::IstioCertificateServiceServer;
+use crate::grpc::{CaService, PeerCertificates};
 use crate::state::StateStore;
 use crate::telemetry::{ClusterLabel, Metrics, RootLabel};
 use crate::tls::{self, SwappableCert};
@@ -367,18 +367,10 @@ pub async fn run(
             let _ = s.wait_for(|v| *v).await;
         }
     };
-    let result = match plaintext {
-        Some(l) => {
-            builder()
-                .add_service(make_svc())
-                .serve_with_incoming_shutdown(TcpListenerStream::new(l), stop)
-                .await
-        }
-        None => {
-            stop.await;
-            Ok(())
-        }
-    };
+    match plaintext {
+        Some(l) => plaintext_loop(l, make_svc(), shutdown.clone()).await,
+        None => stop.await,
+    }
     acceptor.abort();
     let worker_results = tokio::task::spawn_blocking(move || {
         worker_threads
@@ -401,7 +393,6 @@ pub async fn run(
     if let Some(t) = elector_task {
         let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
     }
-    result.map_err(|e| Error::Server(e.to_string()))?;
     for r in worker_results {
         r.map_err(Error::Server)?;
     }
@@ -534,13 +525,88 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
-/// Large flow-control windows: requests and responses are a few KiB, so WINDOW_UPDATE frames
-/// (and the writes that carry them) become rare.
-fn builder() -> tonic::transport::Server {
-    tonic::transport::Server::builder()
+/// The gRPC service as the workers run it.
+type GrpcService = IstioCertificateServiceServer<CaService>;
+
+/// How long a stopping server waits for in-flight requests before it closes what is left.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// Serves gRPC over HTTP/2 on one connection until it closes. When `watcher`'s shutdown
+/// starts, the connection sends GOAWAY, takes no new streams and ends once those in flight have
+/// been answered. `peer` (an mTLS client's verified chain) is attached to every request.
+///
+/// This is hyper's HTTP/2 server driving the tonic service directly: tonic's own transport
+/// adds a router, timeout and error-recovery layers and per-request connection info that this
+/// single-service server does not need, and they cost a few percent of the machine per
+/// certificate at full load.
+async fn serve_connection<IO>(
+    io: IO,
+    svc: GrpcService,
+    peer: Option<PeerCertificates>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service =
+        hyper::service::service_fn(move |mut request: http::Request<hyper::body::Incoming>| {
+            if let Some(p) = &peer {
+                request.extensions_mut().insert(p.clone());
+            }
+            // Invariant: tonic's generated servers are always ready (`poll_ready` returns
+            // `Ready(Ok)`), so `call` may be used without polling readiness first.
+            svc.clone().call(request)
+        });
+    let mut http2 = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+    // Large flow-control windows: requests and responses are a few KiB, so WINDOW_UPDATE frames
+    // (and the writes that carry them) become rare.
+    http2
         .initial_stream_window_size(1 << 20)
         .initial_connection_window_size(16 << 20)
-        .max_concurrent_streams(1024)
+        .max_concurrent_streams(1024);
+    let conn = http2.serve_connection(hyper_util::rt::TokioIo::new(io), service);
+    if let Err(e) = watcher.watch(conn).await {
+        tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+    }
+}
+
+/// Waits for the connections watched by `graceful` to finish their in-flight requests, for at
+/// most [`DRAIN_TIMEOUT`].
+async fn drain(graceful: hyper_util::server::graceful::GracefulShutdown) {
+    let open = graceful.count();
+    if tokio::time::timeout(DRAIN_TIMEOUT, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            connections = open,
+            "in-flight requests did not finish in time; closing their connections"
+        );
+    }
+}
+
+/// Serves plaintext HTTP/2 (h2c, for tests only) on `listener` until shutdown, then drains.
+async fn plaintext_loop(
+    listener: TcpListener,
+    svc: GrpcService,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            () = stopped(&mut shutdown) => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => {
+                    let _ = tcp.set_nodelay(true);
+                    tokio::spawn(serve_connection(tcp, svc.clone(), None, graceful.watcher()));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+    drain(graceful).await;
 }
 
 /// How long a rotation lease lasts without renewal (renewed every third of it).
@@ -693,45 +759,42 @@ fn grpc_worker(
         .build()
         .map_err(|e| format!("worker runtime: {e}"))?;
     rt.block_on(async move {
-        let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(256);
-        let mut accept_shutdown = shutdown.clone();
-        // TLS handshakes run in their own tasks so a slow client never blocks the others.
-        let acceptor = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = stopped(&mut accept_shutdown) => break,
-                    handed = incoming.recv() => {
-                        let Some((tcp, peer)) = handed else { break };
-                        let tcp = match tokio::net::TcpStream::from_std(tcp) {
-                            Ok(t) => crate::coalesce::Coalesced::new(t),
-                            Err(e) => {
-                                tracing::warn!(%peer, error = %e, "cannot adopt a connection");
-                                continue;
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut stop = shutdown.clone();
+        loop {
+            tokio::select! {
+                () = stopped(&mut stop) => break,
+                handed = incoming.recv() => {
+                    let Some((tcp, peer)) = handed else { break };
+                    let tcp = match tokio::net::TcpStream::from_std(tcp) {
+                        Ok(t) => crate::coalesce::Coalesced::new(t),
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "cannot adopt a connection");
+                            continue;
+                        }
+                    };
+                    let acceptor = TlsAcceptor::from(shared.tls_config.load_full());
+                    let (svc, watcher) = (svc.clone(), graceful.watcher());
+                    // The handshake runs in the connection's own task so a slow client never
+                    // holds up the others.
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => {
+                                let certs = tls
+                                    .get_ref()
+                                    .1
+                                    .peer_certificates()
+                                    .map(|c| PeerCertificates(Arc::new(c.to_vec())));
+                                serve_connection(tls, svc, certs, watcher).await;
                             }
-                        };
-                        let acceptor = TlsAcceptor::from(shared.tls_config.load_full());
-                        let tx = conn_tx.clone();
-                        tokio::spawn(async move {
-                            match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                                Ok(Ok(tls)) => {
-                                    let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
-                                }
-                                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                            }
-                        });
-                    }
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    });
                 }
             }
-        });
-        let mut stop_rx = shutdown.clone();
-        let result = builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
-                stopped(&mut stop_rx).await;
-            })
-            .await;
-        acceptor.abort();
-        result.map_err(|e| e.to_string())
+        }
+        drain(graceful).await;
+        Ok(())
     })
 }

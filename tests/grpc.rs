@@ -741,6 +741,92 @@ fn sigterm_stops_cleanly() {
     );
 }
 
+/// A request in flight when SIGTERM arrives is answered in full; the server then exits 0. The
+/// stream is opened (headers sent) before the signal and its body is sent only after it, so
+/// the server is certainly draining while it handles the request.
+#[test]
+fn sigterm_finishes_in_flight_requests() {
+    use prost::Message as _;
+    let m = mesh("");
+    let mut server = Server::start(&m.env, &[]);
+    let tok = m.east.token(EAST_ISS, "shop", "web", |_| {});
+    let csr = csr_agent(&id("shop", "web"), &rcgen::PKCS_ECDSA_P256_SHA256);
+    let pid = server.child.id().to_string();
+    rt().block_on(async {
+        let mut roots = rustls::RootCertStore::empty();
+        for der in cactl::pki::pem::certificates(&m.bundle).unwrap() {
+            roots
+                .add(rustls::pki_types::CertificateDer::from(der))
+                .unwrap();
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(cactl::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(&server.grpc).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("cactl.test.svc").unwrap();
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let (send, connection) = h2::client::handshake(tls).await.unwrap();
+        let conn = tokio::spawn(connection);
+        let req = cactl::client::request(&csr, 0, Some(&tok), Some("east")).unwrap();
+        let mut request = http::Request::post(
+            "https://cactl.test.svc/istio.v1.auth.IstioCertificateService/CreateCertificate",
+        )
+        .body(())
+        .unwrap();
+        *request.headers_mut() = req.metadata().clone().into_headers();
+        request.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        request
+            .headers_mut()
+            .insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        let mut send = send.ready().await.unwrap();
+        let (response, mut stream) = send.send_request(request, false).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+        let msg = req.into_inner().encode_to_vec();
+        let mut body = vec![0u8];
+        body.extend_from_slice(&u32::try_from(msg.len()).unwrap().to_be_bytes());
+        body.extend_from_slice(&msg);
+        stream.send_data(body.into(), true).unwrap();
+        let response = response.await.unwrap();
+        assert_eq!(response.status(), http::StatusCode::OK);
+        let mut body = response.into_body();
+        let mut buf = Vec::new();
+        while let Some(chunk) = body.data().await {
+            let chunk = chunk.unwrap();
+            let _ = body.flow_control().release_capacity(chunk.len());
+            buf.extend_from_slice(&chunk);
+        }
+        let trailers = body.trailers().await.unwrap().unwrap();
+        assert_eq!(trailers["grpc-status"], "0");
+        let reply = cactl::grpc::proto::IstioCertificateResponse::decode(&buf[5..]).unwrap();
+        assert_eq!(reply.cert_chain.len(), 3, "{:?}", reply.cert_chain);
+        // The connection was told to go away: it ends once the stream is done.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), conn).await;
+    });
+    assert_eq!(server.terminate(), 0, "{}", server.logs());
+    assert!(
+        server
+            .logs()
+            .contains("shutting down: finishing in-flight requests")
+    );
+}
+
 #[test]
 fn serve_refuses_to_start_without_state_or_issuers() {
     let env = Env::new();

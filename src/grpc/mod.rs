@@ -58,6 +58,11 @@ impl Failure {
     }
 }
 
+/// The client certificate chain rustls verified against the mesh roots during the handshake
+/// (mTLS), attached to every request of that connection.
+#[derive(Clone, Debug)]
+pub struct PeerCertificates(pub Arc<Vec<rustls::pki_types::CertificateDer<'static>>>);
+
 /// The service: shared, immutable configuration plus swappable issuers.
 pub struct CaService {
     authority: Arc<Authority>,
@@ -108,10 +113,7 @@ impl CaService {
         let md = request.metadata();
         let cluster_id = md.get("clusterid").and_then(|v| v.to_str().ok());
         // 1. A verified client certificate (rustls checked it against the mesh roots).
-        if let Some(info) = request
-            .extensions()
-            .get::<tonic::transport::server::TlsConnectInfo<tonic::transport::server::TcpConnectInfo>>()
-            && let Some(certs) = info.peer_certs()
+        if let Some(PeerCertificates(certs)) = request.extensions().get::<PeerCertificates>()
             && let Some(leaf) = certs.first()
         {
             let cluster = cluster_id
