@@ -53,6 +53,9 @@ pub struct Options {
     pub server_cpus: Option<String>,
     /// Time for each raw crypto measurement (taken before the first level and after each).
     pub raw_budget: Duration,
+    /// The server's `--log-level` (its logs are JSON, read and discarded as a log collector
+    /// would).
+    pub server_log_level: String,
 }
 
 /// Raw crypto cost of one certificate: verify a P-256 CSR signature, make one P-256 signature.
@@ -332,12 +335,18 @@ fn start_server(opts: &Options, jwks: &str) -> Result<ServerProc, Error> {
         None => std::process::Command::new(&opts.server_bin),
     };
     let mut child = cmd
-        .args(["--output", "json", "serve"])
+        .args(["--output", "json", "--log-format", "json", "--log-level"])
+        .arg(&opts.server_log_level)
+        .arg("serve")
         .current_dir(&dir)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .map_err(|e| Error::Setup(format!("start server: {e}")))?;
+    // The server's logs go through a pipe, as in a container, and are read and dropped.
+    if let Some(mut stderr) = child.stderr.take() {
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+    }
     let stdout = child
         .stdout
         .take()

@@ -80,8 +80,13 @@ fn check_workloads(env: &Env, cluster: &str, trust_domain: &str) {
         let csr = format!("{cluster}-{style}-{key}.csr");
         let chain = format!("{cluster}-{style}-{key}.chain.pem");
         if go(env, &["csr", style, key, id, &csr]).is_none() {
-            // No Go: fall back to an rcgen CSR so the rest still runs.
-            env.write(&csr, common::csr_agent(id, &rcgen::PKCS_ECDSA_P256_SHA256));
+            // No Go: fall back to an rcgen CSR with the same key type so the rest still runs.
+            let pem = if key.starts_with("rsa") {
+                common::csr_agent_rsa(id)
+            } else {
+                common::csr_agent(id, &rcgen::PKCS_ECDSA_P256_SHA256)
+            };
+            env.write(&csr, pem);
         }
         env.ok(&["sign", "--cluster", cluster, "--csr", &csr, "--out", &chain]);
         let roots = format!("{dir}/root-cert.pem");

@@ -285,6 +285,9 @@ pub struct BenchArgs {
     /// Time for each raw crypto measurement (before the first level and after each level).
     #[arg(long, default_value = "2s")]
     pub raw_budget: String,
+    /// The server's log level (JSON logs, as deployed: `info` logs every certificate).
+    #[arg(long, default_value = "info")]
+    pub server_log_level: String,
 }
 
 /// `cactl cluster` subcommands.
@@ -342,8 +345,11 @@ pub fn run() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    init_logging(&cli.log_level, cli.log_format);
-    match execute(&cli) {
+    let log_guard = init_logging(&cli.log_level, cli.log_format);
+    let result = execute(&cli);
+    // Flushes the log lines still queued, so they come before the final error.
+    drop(log_guard);
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -352,18 +358,31 @@ pub fn run() -> ExitCode {
     }
 }
 
-fn init_logging(level: &str, format: LogFormat) {
+/// Logs go to stderr through a writer thread: a line is formatted where it is logged and
+/// handed over, and the thread writes whatever has queued up in one go. `cactl serve` logs
+/// every certificate it issues, and a write(2) per line would cost the signing path more than
+/// the line itself. Nothing is dropped: when the thread falls behind, loggers wait. The guard
+/// flushes the queue when dropped.
+fn init_logging(level: &str, format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("cactl-log")
+        .finish(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+    guard
 }
 
 /// Maps an error to the documented exit code.
@@ -997,6 +1016,7 @@ fn bench(cli: &Cli, args: &BenchArgs) -> Result<()> {
         workdir: None,
         server_cpus: args.server_cpus.clone(),
         raw_budget: dur(&args.raw_budget, "raw-budget")?,
+        server_log_level: args.server_log_level.clone(),
     };
     // The load generator runs on one thread: its HTTP/2 connections and request tasks never
     // contend for locks or wake each other across cores, so it takes as little of the machine

@@ -232,6 +232,20 @@ pub fn csr_agent(uri: &str, alg: &'static rcgen::SignatureAlgorithm) -> String {
     params.serialize_request(&key).unwrap().pem().unwrap()
 }
 
+/// An istio-agent-style CSR with an RSA-2048 key.
+pub fn csr_agent_rsa(uri: &str) -> String {
+    use cactl::pki::key::{KeyAlgorithm, SecretKey};
+    let secret = SecretKey::generate(KeyAlgorithm::Rsa2048).unwrap();
+    let der = secret.to_pkcs8_der();
+    let key = rcgen::KeyPair::try_from(&der[..]).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::OrganizationName, "");
+    params.distinguished_name = dn;
+    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+    params.serialize_request(&key).unwrap().pem().unwrap()
+}
+
 /// A CSR with arbitrary SANs and subject, for policy tests.
 pub fn csr_with(
     sans: Vec<rcgen::SanType>,
