@@ -497,8 +497,14 @@ impl ClusterTokens {
     }
 }
 
-/// Verified tokens by digest, with their `exp`.
-type TokenCache = moka::sync::Cache<[u8; 32], Arc<(Caller, i64)>>;
+/// Verified tokens by digest: the caller, the token's `exp` and when it was verified (Unix
+/// seconds). A lookup is a hash-table probe under a shard lock, without bookkeeping on the side:
+/// it happens on every request.
+type TokenCache = quick_cache::sync::Cache<[u8; 32], Arc<(Caller, i64, i64)>>;
+
+/// A cached verification is redone after this long even if the token is still valid, so a
+/// key removed from a cluster's JWKS stops authenticating within it.
+const CACHE_TTL_SECS: i64 = 3600;
 
 /// All clusters' token verifiers plus the verified-token cache.
 pub struct TokenAuthenticator {
@@ -583,10 +589,9 @@ impl TokenAuthenticator {
             .clone()
             .or_else(|| config.clusters.first().map(|c| c.name.clone()));
         let cache = (config.serve.token_cache_entries > 0).then(|| {
-            moka::sync::Cache::builder()
-                .max_capacity(config.serve.token_cache_entries)
-                .time_to_live(Duration::from_secs(3600))
-                .build()
+            quick_cache::sync::Cache::new(
+                usize::try_from(config.serve.token_cache_entries).unwrap_or(usize::MAX),
+            )
         });
         Self {
             clusters,
@@ -627,22 +632,23 @@ impl TokenAuthenticator {
             .ok_or_else(|| Error::UnknownCluster(cluster.to_owned()))?;
         let key = cache_key(cluster, token);
         let skew = self.skew.as_secs() as i64;
+        let now_secs = now.unix_timestamp();
         if let Some(cache) = &self.cache
             && let Some(hit) = cache.get(&key)
         {
-            // Still valid (with the same skew the verifier allows)?
-            if hit.1 + skew >= now.unix_timestamp() {
+            // Still valid (with the same skew the verifier allows), and verified recently?
+            if hit.1 + skew >= now_secs && now_secs - hit.2 < CACHE_TTL_SECS {
                 self.hits.inc();
                 return Ok(hit.0.clone());
             }
-            cache.invalidate(&key);
+            cache.remove(&key);
         }
         self.misses.inc();
         let (caller, exp) = verifier
             .verify(token, &self.trust_domain, self.skew)
             .await?;
         if let Some(cache) = &self.cache {
-            cache.insert(key, Arc::new((caller.clone(), exp)));
+            cache.insert(key, Arc::new((caller.clone(), exp, now_secs)));
         }
         Ok(caller)
     }
@@ -736,4 +742,74 @@ pub fn mtls_caller(leaf_der: &[u8], trust_domain: &str, cluster: &str) -> Result
         pod: None,
         node: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cache answers repeat tokens, but never past the token's `exp` (plus skew) and never
+    /// more than an hour after the verification it remembers.
+    #[tokio::test]
+    async fn cached_verifications_end_with_the_token_or_after_an_hour() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = crate::devtoken::DevIssuer::open(dir.path()).unwrap();
+        let verifier = ClusterTokens::new(
+            "east",
+            crate::devtoken::ISSUER,
+            vec!["istio-ca".into()],
+            Some(JwksSource::Static(Arc::new(dev.jwks().unwrap()))),
+            None,
+            Duration::from_secs(3600),
+            None,
+        );
+        let (hits, misses) = (Counter::default(), Counter::default());
+        let auth = TokenAuthenticator::with_clusters(
+            &Config::default(),
+            HashMap::from([("east".to_owned(), Arc::new(verifier))]),
+            hits.clone(),
+            misses.clone(),
+        );
+        for c in auth.clusters() {
+            c.refresh_if_stale().await;
+        }
+        let now = OffsetDateTime::now_utc();
+        let token = dev
+            .token(
+                "shop",
+                "web",
+                "istio-ca",
+                now,
+                time::Duration::hours(2),
+                None,
+            )
+            .unwrap();
+        let bearer = format!("Bearer {token}");
+        let at = |secs: i64| {
+            auth.authenticate(&bearer, Some("east"), now + time::Duration::seconds(secs))
+        };
+        let counts = || (hits.get(), misses.get());
+
+        let caller = at(0).await.unwrap();
+        assert_eq!(
+            caller.identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/web"
+        );
+        assert_eq!(counts(), (0, 1));
+        at(10).await.unwrap();
+        assert_eq!(counts(), (1, 1));
+        // An hour after it was verified, the token is verified again (it is still valid).
+        at(CACHE_TTL_SECS).await.unwrap();
+        assert_eq!(counts(), (1, 2));
+        at(CACHE_TTL_SECS + 1).await.unwrap();
+        assert_eq!(counts(), (2, 2));
+        // Past `exp` + skew the cache does not answer; the verifier decides.
+        let _ = at(2 * 3600 + 61).await;
+        assert_eq!(counts(), (2, 3));
+        // Another cluster's name never reads this cluster's entry.
+        assert!(matches!(
+            auth.authenticate(&bearer, Some("west"), now).await,
+            Err(Error::UnknownCluster(_))
+        ));
+    }
 }
