@@ -223,13 +223,17 @@ pub fn tool(bin: &Path, args: &[&str], dir: &Path) -> (i32, String) {
 
 /// An istio-agent style CSR (subject O="", critical URI SAN) made with rcgen.
 pub fn csr_agent(uri: &str, alg: &'static rcgen::SignatureAlgorithm) -> String {
-    let key = rcgen::KeyPair::generate_for(alg).unwrap();
+    agent_csr_for(uri, &rcgen::KeyPair::generate_for(alg).unwrap())
+}
+
+/// An istio-agent-style CSR (`O=`, one URI SAN) signed by `key`.
+fn agent_csr_for(uri: &str, key: &rcgen::KeyPair) -> String {
     let mut params = rcgen::CertificateParams::default();
     let mut dn = rcgen::DistinguishedName::new();
     dn.push(rcgen::DnType::OrganizationName, "");
     params.distinguished_name = dn;
     params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
-    params.serialize_request(&key).unwrap().pem().unwrap()
+    params.serialize_request(key).unwrap().pem().unwrap()
 }
 
 /// An istio-agent-style CSR with an RSA-2048 key.
@@ -237,13 +241,7 @@ pub fn csr_agent_rsa(uri: &str) -> String {
     use cactl::pki::key::{KeyAlgorithm, SecretKey};
     let secret = SecretKey::generate(KeyAlgorithm::Rsa2048).unwrap();
     let der = secret.to_pkcs8_der();
-    let key = rcgen::KeyPair::try_from(&der[..]).unwrap();
-    let mut params = rcgen::CertificateParams::default();
-    let mut dn = rcgen::DistinguishedName::new();
-    dn.push(rcgen::DnType::OrganizationName, "");
-    params.distinguished_name = dn;
-    params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
-    params.serialize_request(&key).unwrap().pem().unwrap()
+    agent_csr_for(uri, &rcgen::KeyPair::try_from(&der[..]).unwrap())
 }
 
 /// A CSR with arbitrary SANs and subject, for policy tests.
