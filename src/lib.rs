@@ -22,6 +22,7 @@ pub mod devtoken;
 pub mod fsutil;
 pub mod grpc;
 pub mod lease;
+pub mod logging;
 pub mod pki;
 pub mod policy;
 pub mod rotation;

@@ -754,11 +754,23 @@ fn grpc_worker(
     svc: IstioCertificateServiceServer<CaService>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), String> {
+    // This worker's log lines go out in batches: when it runs out of work, when a batch is
+    // full, at least every `FLUSH_INTERVAL`, and when it ends (the guard).
+    let _batch = crate::logging::batch_this_thread();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .on_thread_park(crate::logging::flush_this_thread)
         .build()
         .map_err(|e| format!("worker runtime: {e}"))?;
     rt.block_on(async move {
+        tokio::spawn(async {
+            let mut tick = tokio::time::interval(crate::logging::FLUSH_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                crate::logging::flush_this_thread();
+            }
+        });
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
         let mut stop = shutdown.clone();
         loop {

@@ -359,10 +359,11 @@ pub fn run() -> ExitCode {
 }
 
 /// Logs go to stderr through a writer thread: a line is formatted where it is logged and
-/// handed over, and the thread writes whatever has queued up in one go. `cactl serve` logs
-/// every certificate it issues, and a write(2) per line would cost the signing path more than
-/// the line itself. Nothing is dropped: when the thread falls behind, loggers wait. The guard
-/// flushes the queue when dropped.
+/// handed over (in batches from the signing workers, see `crate::logging`), and the thread
+/// writes whatever has queued up in one go. `cactl serve` logs every certificate it issues,
+/// and a write(2) per line would cost the signing path more than the line itself. Nothing is
+/// dropped: when the thread falls behind, loggers wait. The guard flushes the queue when
+/// dropped.
 fn init_logging(level: &str, format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
@@ -374,9 +375,13 @@ fn init_logging(level: &str, format: LogFormat) -> tracing_appender::non_blockin
             64 * 1024,
             std::io::stderr(),
         ));
+    let sink: crate::logging::Sink = std::sync::Arc::new(move |lines: &[u8]| {
+        use std::io::Write as _;
+        writer.clone().write_all(lines)
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(crate::logging::Writer::new(sink))
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
