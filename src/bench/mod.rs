@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use ring::rand::SystemRandom;
@@ -18,6 +18,8 @@ use ring::signature::{self, EcdsaKeyPair, KeyPair};
 use serde::Serialize;
 
 use crate::client;
+
+mod wire;
 use crate::pki::key::{KeyAlgorithm, SecretKey};
 
 /// Bench errors.
@@ -452,10 +454,15 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
     let server = start_server(&opts, &dev)?;
     let pid = server.child.id();
     let authority = "cactl.bench.svc";
-    let prepared = Arc::new(prepare(&work)?);
+    let encoded = Arc::new(prepare(&work, authority).await?);
     let mut connections = Vec::new();
     for _ in 0..opts.connections.max(1) {
-        connections.push(h2_connect(&server.addr, &server.bundle, authority).await?);
+        let tls = tls_connect(&server.addr, &server.bundle, authority).await?;
+        connections.push(
+            wire::Connection::start(tls)
+                .await
+                .map_err(|e| Error::Setup(format!("HTTP/2 to {}: {e}", server.addr)))?,
+        );
     }
     // Share of RSA CSRs in the mix, for the raw cost of the mix.
     let rsa_share = opts.styles.iter().filter(|s| *s == "agent").count() as f64
@@ -467,14 +474,14 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
     let mut before = raw.clone();
     for &conc in &opts.concurrency {
         progress(&format!("concurrency {conc}: warm-up"));
-        let _ = drive(&connections, authority, &prepared, conc, opts.warmup).await;
+        let _ = drive(&mut connections, &encoded, conc, opts.warmup).await;
         progress(&format!(
             "concurrency {conc}: measuring {:?}",
             opts.duration
         ));
         let cpu0 = cpu_seconds(pid);
         let (ok, errors, mut lat, elapsed) =
-            drive(&connections, authority, &prepared, conc, opts.duration).await;
+            drive(&mut connections, &encoded, conc, opts.duration).await;
         let cpu = cpu_seconds(pid) - cpu0;
         let rss = rss_kib(pid);
         progress(&format!("concurrency {conc}: measuring raw crypto cost"));
@@ -538,47 +545,46 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
 /// The gRPC path of `CreateCertificate`.
 const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 
-/// One request, encoded once: its headers (with the token) and its length-prefixed message.
-struct Prepared {
-    headers: http::HeaderMap,
-    body: bytes::Bytes,
-}
-
-/// Encodes every work item as istio-agent would send it: `authorization`, `clusterid`, the
-/// CSR and `CertSigner: ""` metadata.
-fn prepare(work: &Work) -> Result<Vec<Prepared>, Error> {
+/// Encodes every work item as istio-agent would send it (`authorization`, `clusterid`, the
+/// CSR and `CertSigner: ""` metadata), header blocks as h2 encodes them.
+async fn prepare(work: &Work, authority: &str) -> Result<wire::Encoded, Error> {
     use prost::Message as _;
     let setup = |e: &dyn std::fmt::Display| Error::Setup(e.to_string());
-    work.items
-        .iter()
-        .map(|(token, csr)| {
-            let req = client::request(csr, 0, Some(token), Some("bench")).map_err(|e| setup(&e))?;
-            let mut headers = req.metadata().clone().into_headers();
-            headers.insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static("application/grpc"),
-            );
-            headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
-            let msg = req.into_inner().encode_to_vec();
-            let len = u32::try_from(msg.len()).map_err(|e| setup(&e))?;
-            let mut body = Vec::with_capacity(5 + msg.len());
-            body.push(0); // not compressed
-            body.extend_from_slice(&len.to_be_bytes());
-            body.extend_from_slice(&msg);
-            Ok(Prepared {
-                headers,
-                body: body.into(),
-            })
-        })
-        .collect()
+    let uri = format!("https://{authority}{CREATE_CERTIFICATE}")
+        .parse::<http::Uri>()
+        .map_err(|e| setup(&e))?;
+    let mut requests = Vec::with_capacity(work.items.len());
+    let mut bodies = Vec::with_capacity(work.items.len());
+    for (token, csr) in &work.items {
+        let req = client::request(csr, 0, Some(token), Some("bench")).map_err(|e| setup(&e))?;
+        let mut headers = req.metadata().clone().into_headers();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+        let mut request = http::Request::new(());
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = uri.clone();
+        *request.headers_mut() = headers;
+        requests.push(request);
+        let msg = req.into_inner().encode_to_vec();
+        let len = u32::try_from(msg.len()).map_err(|e| setup(&e))?;
+        let mut body = Vec::with_capacity(5 + msg.len());
+        body.push(0); // not compressed
+        body.extend_from_slice(&len.to_be_bytes());
+        body.extend_from_slice(&msg);
+        bodies.push(bytes::Bytes::from(body));
+    }
+    wire::record_header_blocks(&requests, bodies)
+        .await
+        .map_err(Error::Setup)
 }
 
-/// Opens an HTTP/2 connection over TLS (ALPN `h2`), trusting `bundle_pem`.
-async fn h2_connect(
-    addr: &str,
-    bundle_pem: &str,
-    server_name: &str,
-) -> Result<h2::client::SendRequest<bytes::Bytes>, Error> {
+type Tls = tokio_rustls::client::TlsStream<tokio::net::TcpStream>;
+
+/// Opens a TLS connection (ALPN `h2`), trusting `bundle_pem`.
+async fn tls_connect(addr: &str, bundle_pem: &str, server_name: &str) -> Result<Tls, Error> {
     let setup = |e: &dyn std::fmt::Display| Error::Setup(format!("connect {addr}: {e}"));
     let mut roots = rustls::RootCertStore::empty();
     for der in crate::pki::pem::certificates(bundle_pem).map_err(|e| setup(&e))? {
@@ -598,135 +604,62 @@ async fn h2_connect(
         .await
         .map_err(|e| setup(&e))?;
     tcp.set_nodelay(true).map_err(|e| setup(&e))?;
-    // Requests that are ready together leave together, as the server's responses do.
-    let tcp = crate::coalesce::Coalesced::new(tcp);
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
         .connect(name, tcp)
         .await
         .map_err(|e| setup(&e))?;
-    let (send, connection) = h2::client::Builder::new()
-        .initial_window_size(1 << 20)
-        .initial_connection_window_size(16 << 20)
-        .handshake::<_, bytes::Bytes>(tls)
-        .await
-        .map_err(|e| setup(&e))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(send)
+    if tls.get_ref().1.alpn_protocol() != Some(b"h2") {
+        return Err(setup(&"the server did not negotiate h2"));
+    }
+    Ok(tls)
 }
 
-/// Sends one prepared `CreateCertificate` and checks the answer: HTTP 200, `grpc-status: 0`
-/// and a chain of at least two elements.
-async fn call(
-    send: &h2::client::SendRequest<bytes::Bytes>,
-    uri: &http::Uri,
-    p: &Prepared,
-) -> Result<(), String> {
-    use prost::Message as _;
-    let mut request = http::Request::new(());
-    *request.method_mut() = http::Method::POST;
-    *request.uri_mut() = uri.clone();
-    *request.headers_mut() = p.headers.clone();
-    let mut send = send.clone().ready().await.map_err(|e| e.to_string())?;
-    let (response, mut stream) = send
-        .send_request(request, false)
-        .map_err(|e| e.to_string())?;
-    stream
-        .send_data(p.body.clone(), true)
-        .map_err(|e| e.to_string())?;
-    let response = response.await.map_err(|e| e.to_string())?;
-    if response.status() != http::StatusCode::OK {
-        return Err(format!("HTTP {}", response.status()));
-    }
-    let (parts, mut body) = response.into_parts();
-    let mut buf = bytes::BytesMut::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
-        let _ = body.flow_control().release_capacity(chunk.len());
-        buf.extend_from_slice(&chunk);
-    }
-    let trailers = body.trailers().await.map_err(|e| e.to_string())?;
-    let status = trailers
-        .as_ref()
-        .and_then(|t| t.get("grpc-status"))
-        .or_else(|| parts.headers.get("grpc-status"))
-        .and_then(|v| v.to_str().ok());
-    if status != Some("0") {
-        return Err(format!("grpc-status {status:?}"));
-    }
-    let msg = buf.get(5..).ok_or("short gRPC message")?;
-    let reply =
-        crate::grpc::proto::IstioCertificateResponse::decode(msg).map_err(|e| e.to_string())?;
-    if reply.cert_chain.len() < 2 {
-        return Err(format!("chain of {} elements", reply.cert_chain.len()));
-    }
-    Ok(())
-}
-
-/// Keeps `conc` requests in flight for `dur`; returns (ok, errors, latencies µs, seconds).
+/// Keeps `conc` requests in flight, spread over the connections, for `dur`; returns (ok,
+/// errors, latencies µs, seconds).
 async fn drive(
-    connections: &[h2::client::SendRequest<bytes::Bytes>],
-    authority: &str,
-    work: &Arc<Vec<Prepared>>,
+    connections: &mut Vec<wire::Connection<Tls>>,
+    encoded: &Arc<wire::Encoded>,
     conc: usize,
     dur: Duration,
 ) -> (u64, u64, Vec<u64>, f64) {
-    let Ok(uri) = format!("https://{authority}{CREATE_CERTIFICATE}").parse::<http::Uri>() else {
-        return (0, 1, Vec::new(), 0.0);
-    };
     let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
+    let count = connections.len().max(1);
     let mut tasks = Vec::new();
-    for w in 0..conc {
-        let send = connections[w % connections.len()].clone();
-        let uri = uri.clone();
-        let stop = stop.clone();
-        let ok = ok.clone();
-        let errors = errors.clone();
-        let work = work.clone();
+    for (c, mut conn) in std::mem::take(connections).into_iter().enumerate() {
+        let load = wire::Load {
+            encoded: encoded.clone(),
+            first: c,
+            stride: count,
+            in_flight: conc / count + usize::from(c < conc % count),
+            stop: stop.clone(),
+        };
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let mut i = w;
-            while !stop.load(Ordering::Relaxed) {
-                let Some(p) = work.get(i % work.len().max(1)) else {
-                    break;
-                };
-                i += conc;
-                let t = Instant::now();
-                match call(&send, &uri, p).await {
-                    Ok(()) => {
-                        lat.push(t.elapsed().as_micros() as u64);
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Err(e) => {
-                        tracing::debug!(error = %e, "bench request failed");
-                        errors.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-            }
-            lat
+            let tally = conn.run(&load).await;
+            (conn, tally)
         }));
     }
     tokio::time::sleep(dur).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed_at_stop = start.elapsed().as_secs_f64();
-    let mut all = Vec::new();
+    let (mut ok, mut errors, mut all) = (0, 0, Vec::new());
     for t in tasks {
-        if let Ok(l) = t.await {
-            all.extend(l);
+        match t.await {
+            Ok((conn, tally)) => {
+                if let Some(f) = &tally.failure {
+                    tracing::warn!(error = %f, "bench connection failed");
+                }
+                ok += tally.ok;
+                errors += tally.errors;
+                all.extend(tally.latencies_us);
+                connections.push(conn);
+            }
+            Err(_) => errors += 1,
         }
     }
     // Requests finishing after the stop flag are counted; the window ends when the last does.
     let elapsed = start.elapsed().as_secs_f64().max(elapsed_at_stop);
-    (
-        ok.load(Ordering::Relaxed),
-        errors.load(Ordering::Relaxed),
-        all,
-        elapsed,
-    )
+    (ok, errors, all, elapsed)
 }
 
 fn jwk_for(key: &SecretKey, kid: &str) -> Result<String, Error> {
