@@ -8,13 +8,22 @@
 //! [`FLUSH_INTERVAL`], and when the worker ends. A line is never split and lines from one
 //! thread keep their order; threads that did not ask for batching hand each line over at once.
 //! A process killed without warning can lose at most one interval of a worker's lines.
+//!
+//! [`JsonFormat`] writes each event as one JSON object straight into the line, with no
+//! intermediate values: the general-purpose JSON formatter serialises through serde and formats
+//! most field values twice, which cost the signing path as much as the rest of its logging.
 
 use std::cell::RefCell;
+use std::fmt::{self, Write as _};
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing_subscriber::fmt::MakeWriter;
+use tracing::field::{Field, Visit};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::fmt::format::Writer as LineWriter;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
+use tracing_subscriber::registry::LookupSpan;
 
 /// Longest a batched line waits while its worker stays busy.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
@@ -131,6 +140,191 @@ impl Drop for BatchGuard {
     }
 }
 
+/// Formats events as JSON lines: `timestamp` (RFC 3339, UTC, microseconds), `level`, the
+/// event's fields (`message` first), `target`, and the enclosing spans, if any, as `spans`
+/// (outermost first, each with `name` and its formatted `fields`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct JsonFormat;
+
+impl<S, N> FormatEvent<S, N> for JsonFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut w: LineWriter<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let meta = event.metadata();
+        w.write_str("{\"timestamp\":\"")?;
+        write_timestamp(&mut w, std::time::SystemTime::now())?;
+        write!(w, "\",\"level\":\"{}\"", meta.level())?;
+        let mut fields = JsonFields {
+            w: &mut w,
+            result: Ok(()),
+        };
+        event.record(&mut fields);
+        fields.result?;
+        w.write_str(",\"target\":")?;
+        json_str(&mut w, meta.target())?;
+        if let Some(scope) = ctx.event_scope() {
+            let mut first = true;
+            for span in scope.from_root() {
+                w.write_str(if first { ",\"spans\":[" } else { "," })?;
+                first = false;
+                w.write_str("{\"name\":")?;
+                json_str(&mut w, span.name())?;
+                let ext = span.extensions();
+                if let Some(f) = ext.get::<FormattedFields<N>>()
+                    && !f.is_empty()
+                {
+                    w.write_str(",\"fields\":")?;
+                    json_str(&mut w, f)?;
+                }
+                w.write_str("}")?;
+            }
+            if !first {
+                w.write_str("]")?;
+            }
+        }
+        w.write_str("}\n")
+    }
+}
+
+/// Writes `time` as RFC 3339 in UTC with microseconds; the part up to the second is kept per
+/// thread and rewritten only when the second changes.
+fn write_timestamp(w: &mut impl fmt::Write, time: std::time::SystemTime) -> fmt::Result {
+    thread_local! {
+        static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let since = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = since.as_secs();
+    let micros = since.subsec_micros();
+    let written = SECOND.try_with(|s| {
+        let mut s = s.borrow_mut();
+        if s.0 != secs {
+            s.1.clear();
+            let t = i64::try_from(secs)
+                .ok()
+                .and_then(|t| time::OffsetDateTime::from_unix_timestamp(t).ok())
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            let _ = write!(
+                s.1,
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second()
+            );
+            s.0 = secs;
+        }
+        write!(w, "{}.{micros:06}Z", s.1)
+    });
+    written.unwrap_or_else(|_| write!(w, "{secs}.{micros:06}"))
+}
+
+/// Writes each field as `,"name":value`: numbers and booleans bare, everything else a string.
+struct JsonFields<'a, 'w> {
+    w: &'a mut LineWriter<'w>,
+    result: fmt::Result,
+}
+
+impl JsonFields<'_, '_> {
+    fn entry(&mut self, field: &Field, value: impl FnOnce(&mut LineWriter<'_>) -> fmt::Result) {
+        if self.result.is_ok() {
+            self.result = self
+                .w
+                .write_str(",")
+                .and_then(|()| json_str(self.w, field.name()))
+                .and_then(|()| self.w.write_str(":"))
+                .and_then(|()| value(self.w));
+        }
+    }
+}
+
+impl Visit for JsonFields<'_, '_> {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.entry(field, |w| json_str(w, value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.entry(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.entry(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.entry(field, |w| write!(w, "{value}"));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if value.is_finite() {
+            self.entry(field, |w| write!(w, "{value}"));
+        } else {
+            self.entry(field, |w| write!(w, "\"{value}\""));
+        }
+    }
+
+    fn record_error(&mut self, field: &Field, value: &(dyn std::error::Error + 'static)) {
+        self.entry(field, |w| {
+            w.write_str("\"")?;
+            write!(Escaped(&mut *w), "{value}")?;
+            w.write_str("\"")
+        });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        self.entry(field, |w| {
+            w.write_str("\"")?;
+            write!(Escaped(&mut *w), "{value:?}")?;
+            w.write_str("\"")
+        });
+    }
+}
+
+fn json_str(w: &mut impl fmt::Write, s: &str) -> fmt::Result {
+    w.write_str("\"")?;
+    Escaped(&mut *w).write_str(s)?;
+    w.write_str("\"")
+}
+
+/// Escapes what passes through for the inside of a JSON string.
+struct Escaped<W>(W);
+
+impl<W: fmt::Write> fmt::Write for Escaped<W> {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let mut plain = 0;
+        for (i, b) in s.bytes().enumerate() {
+            let escape = match b {
+                b'"' => "\\\"",
+                b'\\' => "\\\\",
+                b'\n' => "\\n",
+                b'\r' => "\\r",
+                b'\t' => "\\t",
+                0..=0x1f => "",
+                _ => continue,
+            };
+            // `i` is at an ASCII byte, so both slices end on character boundaries.
+            self.0.write_str(&s[plain..i])?;
+            if escape.is_empty() {
+                write!(self.0, "\\u{b:04x}")?;
+            } else {
+                self.0.write_str(escape)?;
+            }
+            plain = i + 1;
+        }
+        self.0.write_str(&s[plain..])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::Write as _;
@@ -203,5 +397,77 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    #[test]
+    fn json_lines_carry_every_field_escaped_and_typed() {
+        let (w, got) = recorder();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(w)
+            .with_ansi(false)
+            .event_format(JsonFormat)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let serial = "7f3a";
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(
+                cluster = %"east",
+                identity = "spiffe://cluster.local/ns/a/sa/b",
+                serial = %serial,
+                ttl_secs = 86400i64,
+                big = u64::MAX,
+                clamped = false,
+                ratio = 0.5f64,
+                odd = "quote \" backslash \\ newline \n tab \t bell \u{7} é",
+                "issued workload certificate"
+            );
+            let span = tracing::info_span!("rotation", cluster = "west");
+            let _in = span.enter();
+            tracing::warn!("inside");
+        });
+        let lines = handed(&got);
+        assert_eq!(lines.len(), 2);
+        let text = String::from_utf8(lines[0].clone()).unwrap();
+        assert!(text.ends_with("}\n"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["level"], "INFO");
+        assert_eq!(v["message"], "issued workload certificate");
+        assert_eq!(v["cluster"], "east");
+        assert_eq!(v["identity"], "spiffe://cluster.local/ns/a/sa/b");
+        assert_eq!(v["serial"], "7f3a");
+        assert_eq!(v["ttl_secs"], 86400);
+        assert_eq!(v["big"], u64::MAX);
+        assert_eq!(v["clamped"], false);
+        assert_eq!(v["ratio"], 0.5);
+        assert_eq!(
+            v["odd"],
+            "quote \" backslash \\ newline \n tab \t bell \u{7} é"
+        );
+        assert_eq!(v["target"], module_path!());
+        assert!(v.get("spans").is_none());
+        let ts = v["timestamp"].as_str().unwrap();
+        let parsed =
+            time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+                .unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        assert!((now - parsed).abs() < time::Duration::seconds(60), "{ts}");
+        assert_eq!(ts.len(), "2026-12-01T04:45:00.123456Z".len(), "{ts}");
+
+        let v: serde_json::Value = serde_json::from_slice(&lines[1]).unwrap();
+        assert_eq!(v["level"], "WARN");
+        assert_eq!(v["spans"][0]["name"], "rotation");
+        assert_eq!(v["spans"][0]["fields"], "cluster=\"west\"");
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_microseconds() {
+        let mut s = String::new();
+        let t = std::time::UNIX_EPOCH + Duration::from_micros(1_764_563_100_000_042);
+        write_timestamp(&mut s, t).unwrap();
+        assert_eq!(s, "2025-12-01T04:25:00.000042Z");
+        // The cached second is replaced when the second changes.
+        s.clear();
+        write_timestamp(&mut s, t + Duration::from_secs(61)).unwrap();
+        assert_eq!(s, "2025-12-01T04:26:01.000042Z");
     }
 }

@@ -385,7 +385,10 @@ fn init_logging(level: &str, format: LogFormat) -> tracing_appender::non_blockin
         .with_ansi(std::io::stderr().is_terminal());
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Json => builder
+            .with_ansi(false)
+            .event_format(crate::logging::JsonFormat)
+            .try_init(),
     };
     guard
 }

@@ -202,10 +202,10 @@ impl CaService {
             .map_err(|e| Failure::Internal(e.to_string()))?;
         let chain = issuer.response_chain(&leaf);
         tracing::info!(
-            cluster = %caller.cluster,
+            cluster = caller.cluster.as_str(),
             identity = %approved.identity,
             caller = %caller.identity,
-            serial = %serial,
+            serial = serial.as_str(),
             ttl_secs = approved.ttl.whole_seconds(),
             ttl_clamped = approved.ttl_clamped,
             "issued workload certificate"
