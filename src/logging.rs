@@ -48,21 +48,19 @@ impl Writer {
 }
 
 impl<'a> MakeWriter<'a> for Writer {
-    type Writer = Line;
+    type Writer = Line<'a>;
 
-    fn make_writer(&'a self) -> Line {
-        Line {
-            sink: self.sink.clone(),
-        }
+    fn make_writer(&'a self) -> Line<'a> {
+        Line { sink: &self.sink }
     }
 }
 
 /// Writes one formatted line (the subscriber writes each event with one `write_all`).
-pub struct Line {
-    sink: Sink,
+pub struct Line<'a> {
+    sink: &'a Sink,
 }
 
-impl io::Write for Line {
+impl io::Write for Line<'_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let full = BATCH.try_with(|b| {
             let mut b = b.borrow_mut();

@@ -121,7 +121,7 @@ pub async fn record_header_blocks(
             raw.advance(PREFACE.len());
             preface_seen = true;
         }
-        while let Some(f) = Frame::parse(&mut raw)? {
+        while let Some(f) = Frame::parse(&mut raw) {
             if f.kind == HEADERS {
                 if f.flags & END_HEADERS == 0 || f.flags & (PADDED | PRIORITY) != 0 {
                     return Err("recording header blocks: unexpected HEADERS framing".into());
@@ -149,28 +149,23 @@ struct Frame {
 
 impl Frame {
     /// Takes one whole frame off the front of `buf`, if there is one.
-    fn parse(buf: &mut BytesMut) -> Result<Option<Frame>, String> {
-        let Some(head) = buf.get(..9) else {
-            return Ok(None);
-        };
+    fn parse(buf: &mut BytesMut) -> Option<Frame> {
+        let head = buf.get(..9)?;
         let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
-        if len > 1 << 24 {
-            return Err(format!("frame of {len} bytes"));
-        }
         if buf.len() < 9 + len {
-            return Ok(None);
+            return None;
         }
         let kind = head[3];
         let flags = head[4];
         let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
         buf.advance(9);
         let payload = buf.split_to(len).freeze();
-        Ok(Some(Frame {
+        Some(Frame {
             kind,
             flags,
             stream,
             payload,
-        }))
+        })
     }
 }
 
@@ -350,7 +345,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
             {
                 return Err("the server closed the connection".into());
             }
-            while let Some(f) = Frame::parse(&mut self.input)? {
+            while let Some(f) = Frame::parse(&mut self.input) {
                 self.on_frame(f, tally)?;
             }
             if self.unacknowledged >= CONNECTION_WINDOW / 2 {
