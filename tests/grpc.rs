@@ -491,6 +491,11 @@ fn token_cache_hits_and_metrics_and_health() {
         metrics.contains("cactl_requests_total{cluster=\"east\",code=\"Ok\"} 5"),
         "{metrics}"
     );
+    // Every configured cluster's success series exists from the start.
+    assert!(
+        metrics.contains("cactl_requests_total{cluster=\"west\",code=\"Ok\"} 0\n"),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("cactl_sign_duration_seconds_count 5"),
         "{metrics}"
@@ -807,6 +812,10 @@ fn sigterm_finishes_in_flight_requests() {
         stream.send_data(body.into(), true).unwrap();
         let response = response.await.unwrap();
         assert_eq!(response.status(), http::StatusCode::OK);
+        // gRPC headers only: no `date` (the server turns hyper's off).
+        let names: Vec<&str> = response.headers().keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["content-type"], "{:?}", response.headers());
+        assert_eq!(response.headers()["content-type"], "application/grpc");
         let mut body = response.into_body();
         let mut buf = Vec::new();
         while let Some(chunk) = body.data().await {

@@ -73,6 +73,9 @@ pub struct CaService {
     default_cluster: Option<String>,
     verify: VerifyIssued,
     metrics: Arc<Metrics>,
+    /// `requests{cluster, code="Ok"}` of every configured cluster, looked up once: the success
+    /// path then counts without formatting a label or locking the family.
+    issued: HashMap<String, prometheus_client::metrics::counter::Counter>,
 }
 
 impl std::fmt::Debug for CaService {
@@ -102,6 +105,20 @@ impl CaService {
                 .clone()
                 .or_else(|| config.clusters.first().map(|c| c.name.clone())),
             verify: config.serve.verify_issued,
+            issued: config
+                .clusters
+                .iter()
+                .map(|c| {
+                    let labels = RequestLabels {
+                        cluster: c.name.clone(),
+                        code: format!("{:?}", tonic::Code::Ok),
+                    };
+                    (
+                        c.name.clone(),
+                        metrics.requests.get_or_create(&labels).clone(),
+                    )
+                })
+                .collect(),
             metrics,
         }
     }
@@ -223,17 +240,24 @@ impl IstioCertificateService for CaService {
         let start = Instant::now();
         let mut cluster = String::new();
         let result = self.handle(request, &mut cluster).await;
-        let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(f) => f.status().code(),
-        };
-        self.metrics
-            .requests
-            .get_or_create(&RequestLabels {
-                cluster,
-                code: format!("{code:?}"),
-            })
-            .inc();
+        match (&result, self.issued.get(&cluster)) {
+            (Ok(_), Some(counter)) => {
+                counter.inc();
+            }
+            _ => {
+                let code = match &result {
+                    Ok(_) => tonic::Code::Ok,
+                    Err(f) => f.status().code(),
+                };
+                self.metrics
+                    .requests
+                    .get_or_create(&RequestLabels {
+                        cluster,
+                        code: format!("{code:?}"),
+                    })
+                    .inc();
+            }
+        }
         match result {
             Ok(resp) => {
                 self.metrics
