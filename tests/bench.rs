@@ -25,6 +25,8 @@ fn bench_drives_a_real_server_without_errors() {
             "ztunnel,agent",
             "--raw-budget",
             "300ms",
+            "--server-nice",
+            "3",
         ])
         .output()
         .unwrap();
@@ -32,6 +34,13 @@ fn bench_drives_a_real_server_without_errors() {
     assert!(out.status.success(), "bench failed: {stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["styles"], serde_json::json!(["ztunnel", "agent"]));
+    // Every server thread ran 3 nicer than this test (which runs at nice 0 unless the whole
+    // run was started niced).
+    let own = own_nice();
+    assert_eq!(
+        report["server_nice"],
+        serde_json::json!([(own + 3).min(19)])
+    );
     let levels = report["levels"].as_array().unwrap();
     assert_eq!(levels.len(), 2);
     for (level, conc) in levels.iter().zip([1, 8]) {
@@ -65,4 +74,11 @@ fn bench_drives_a_real_server_without_errors() {
         assert_eq!(raw["threads"].as_u64().unwrap(), cores, "{raw}");
         assert!(raw["limit_all_cores"].as_f64().unwrap() > 0.0, "{raw}");
     }
+}
+
+/// This process's nice value, from `/proc/self/stat`.
+fn own_nice() -> i64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    rest.split_whitespace().nth(16).unwrap().parse().unwrap()
 }

@@ -53,6 +53,8 @@ pub struct Options {
     pub workdir: Option<PathBuf>,
     /// Pin the server to these CPUs (taskset list), if set.
     pub server_cpus: Option<String>,
+    /// Run the server this much nicer than the load generator (0 = the same priority).
+    pub server_nice: u8,
     /// Time for each raw crypto measurement (taken before the first level and after each).
     pub raw_budget: Duration,
     /// The server's `--log-level` (its logs are JSON, read and discarded as a log collector
@@ -152,6 +154,9 @@ pub struct Report {
     pub levels: Vec<LevelResult>,
     /// `serve.verify_issued` in effect.
     pub verify_issued: String,
+    /// The nice values the server's threads ran at (distinct, ascending), read from `/proc` at
+    /// the end of the last level.
+    pub server_nice: Vec<i64>,
 }
 
 /// Measures the raw crypto cost with ring for about `budget`: half of it each operation on one
@@ -328,14 +333,25 @@ fn start_server(opts: &Options, jwks: &str) -> Result<ServerProc, Error> {
         run(&["issue", "bench"])?;
     }
     let bundle = run(&["bundle"])?;
-    let mut cmd = match &opts.server_cpus {
-        Some(cpus) => {
-            let mut c = std::process::Command::new("taskset");
-            c.args(["-c", cpus]).arg(&opts.server_bin);
-            c
-        }
-        None => std::process::Command::new(&opts.server_bin),
-    };
+    // `nice` and `taskset` set the priority and CPUs before they exec the server, so every
+    // thread it starts inherits them.
+    let mut argv: Vec<std::ffi::OsString> = Vec::new();
+    if opts.server_nice > 0 {
+        argv.extend([
+            "nice".into(),
+            "-n".into(),
+            opts.server_nice.to_string().into(),
+        ]);
+    }
+    if let Some(cpus) = &opts.server_cpus {
+        argv.extend(["taskset".into(), "-c".into(), cpus.into()]);
+    }
+    argv.push(opts.server_bin.clone().into_os_string());
+    let mut cmd = std::process::Command::new(
+        argv.first()
+            .map_or(opts.server_bin.as_os_str(), |p| p.as_os_str()),
+    );
+    cmd.args(argv.iter().skip(1));
     let mut child = cmd
         .args(["--output", "json", "--log-format", "json", "--log-level"])
         .arg(&opts.server_log_level)
@@ -384,6 +400,25 @@ fn cpu_seconds(pid: u32) -> f64 {
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
     // utime and stime are fields 14 and 15 of stat; index 11 and 12 after the state field.
     (ticks(11) + ticks(12)) / 100.0
+}
+
+/// The distinct nice values of a process's threads, ascending.
+fn thread_nice(pid: u32) -> Vec<i64> {
+    let mut values = std::collections::BTreeSet::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // `nice` is field 19 of stat: index 16 after the state field.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        if let Some(n) = rest.split_whitespace().nth(16).and_then(|v| v.parse().ok()) {
+            values.insert(n);
+        }
+    }
+    values.into_iter().collect()
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -525,6 +560,7 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
         });
         before = after;
     }
+    let server_nice = thread_nice(pid);
     drop(server);
     let raw_after = before;
     let verify_issued = if opts.serve_extra.contains("full") {
@@ -539,6 +575,7 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
         raw_after,
         levels,
         verify_issued: verify_issued.into(),
+        server_nice,
     })
 }
 
@@ -674,4 +711,30 @@ fn jwk_for(key: &SecretKey, kid: &str) -> Result<String, Error> {
         "x": b64.encode(&point[1..33]), "y": b64.encode(&point[33..])}]})
         .to_string(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_nice_reads_every_thread_of_a_process() {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+        let own: i64 = stat
+            .rsplit_once(')')
+            .unwrap()
+            .1
+            .split_whitespace()
+            .nth(16)
+            .unwrap()
+            .parse()
+            .unwrap();
+        // A second thread, alive while the threads are read.
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || rx.recv());
+        assert_eq!(thread_nice(std::process::id()), vec![own]);
+        drop(tx);
+        let _ = t.join();
+        assert!(thread_nice(u32::MAX).is_empty());
+    }
 }

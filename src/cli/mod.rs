@@ -282,6 +282,11 @@ pub struct BenchArgs {
     /// Pin the server to these CPUs (taskset syntax).
     #[arg(long)]
     pub server_cpus: Option<String>,
+    /// Run the server this much nicer than the load generator (0-19). The load generator
+    /// shares the machine with the server; at the same priority it waits a scheduler slice
+    /// behind a busy server thread each time answers arrive, a delay remote clients never see.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub server_nice: u8,
     /// Time for each raw crypto measurement (before the first level and after each level).
     #[arg(long, default_value = "2s")]
     pub raw_budget: String,
@@ -1023,6 +1028,7 @@ fn bench(cli: &Cli, args: &BenchArgs) -> Result<()> {
         serve_extra: verify,
         workdir: None,
         server_cpus: args.server_cpus.clone(),
+        server_nice: args.server_nice,
         raw_budget: dur(&args.raw_budget, "raw-budget")?,
         server_log_level: args.server_log_level.clone(),
     };

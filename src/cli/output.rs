@@ -356,10 +356,11 @@ pub(super) fn bench(format: OutputFormat, r: &crate::bench::Report) {
             raw("before", &r.raw);
             raw("after", &r.raw_after);
             outln!(
-                "cores {}, mix {:?}, verify_issued {}",
+                "cores {}, mix {:?}, verify_issued {}, server nice {:?}",
                 r.cores,
                 r.styles,
-                r.verify_issued
+                r.verify_issued,
+                r.server_nice
             );
             outln!(
                 "{:>5} {:>8} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>7} {:>7} {:>8}",
