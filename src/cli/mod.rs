@@ -283,9 +283,10 @@ pub struct BenchArgs {
     #[arg(long)]
     pub server_cpus: Option<String>,
     /// Run the server this much nicer than the load generator (0-19). The load generator
-    /// shares the machine with the server; at the same priority it waits a scheduler slice
-    /// behind a busy server thread each time answers arrive, a delay remote clients never see.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(0..=19))]
+    /// shares the machine with the server; at the same priority it often waits a scheduler
+    /// slice (milliseconds) behind a busy server thread when answers arrive, a delay that
+    /// remote clients never see. It needs a few percent of one core.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=19))]
     pub server_nice: u8,
     /// Time for each raw crypto measurement (before the first level and after each level).
     #[arg(long, default_value = "2s")]
