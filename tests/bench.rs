@@ -82,3 +82,31 @@ fn own_nice() -> i64 {
     let rest = stat.rsplit_once(')').unwrap().1;
     rest.split_whitespace().nth(16).unwrap().parse().unwrap()
 }
+
+#[test]
+fn bench_names_the_program_it_could_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    // No `nice` on an empty PATH: the server cannot be started niced.
+    let out = Command::new(env!("CARGO_BIN_EXE_cactl"))
+        .current_dir(dir.path())
+        .env("PATH", dir.path())
+        .args([
+            "bench",
+            "--concurrency",
+            "1",
+            "--duration",
+            "1s",
+            "--identities",
+            "1",
+            "--raw-budget",
+            "100ms",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("bench set-up: start server (nice): No such file or directory"),
+        "{stderr}"
+    );
+}

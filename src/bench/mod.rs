@@ -347,10 +347,11 @@ fn start_server(opts: &Options, jwks: &str) -> Result<ServerProc, Error> {
         argv.extend(["taskset".into(), "-c".into(), cpus.into()]);
     }
     argv.push(opts.server_bin.clone().into_os_string());
-    let mut cmd = std::process::Command::new(
-        argv.first()
-            .map_or(opts.server_bin.as_os_str(), |p| p.as_os_str()),
-    );
+    let program = argv
+        .first()
+        .map_or(opts.server_bin.as_os_str(), |p| p.as_os_str())
+        .to_owned();
+    let mut cmd = std::process::Command::new(&program);
     cmd.args(argv.iter().skip(1));
     let mut child = cmd
         .args(["--output", "json", "--log-format", "json", "--log-level"])
@@ -360,7 +361,12 @@ fn start_server(opts: &Options, jwks: &str) -> Result<ServerProc, Error> {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
-        .map_err(|e| Error::Setup(format!("start server: {e}")))?;
+        .map_err(|e| {
+            Error::Setup(format!(
+                "start server ({}): {e}",
+                std::path::Path::new(&program).display()
+            ))
+        })?;
     // The server's logs go through a pipe, as in a container, and are read and dropped.
     if let Some(mut stderr) = child.stderr.take() {
         std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
