@@ -400,12 +400,20 @@ fn cpu_seconds(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
-    // Fields after the command name (which may contain spaces) start after the last ')'.
+    // utime and stime are fields 14 and 15 of stat.
+    let ticks = |n: usize| {
+        stat_field(&stat, n)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(14) + ticks(15)) / 100.0
+}
+
+/// Field `n` (1-based, as in proc(5)) of a `/proc/.../stat` line. Fields after the command name
+/// (which may contain spaces and parentheses) are counted from the last ')'.
+fn stat_field(stat: &str, n: usize) -> Option<&str> {
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15 of stat; index 11 and 12 after the state field.
-    (ticks(11) + ticks(12)) / 100.0
+    rest.split_whitespace().nth(n.checked_sub(3)?)
 }
 
 /// The distinct nice values of a process's threads, ascending.
@@ -418,9 +426,7 @@ fn thread_nice(pid: u32) -> Vec<i64> {
         let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
             continue;
         };
-        // `nice` is field 19 of stat: index 16 after the state field.
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        if let Some(n) = rest.split_whitespace().nth(16).and_then(|v| v.parse().ok()) {
+        if let Some(n) = stat_field(&stat, 19).and_then(|v| v.parse().ok()) {
             values.insert(n);
         }
     }
@@ -726,15 +732,7 @@ mod tests {
     #[test]
     fn thread_nice_reads_every_thread_of_a_process() {
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
-        let own: i64 = stat
-            .rsplit_once(')')
-            .unwrap()
-            .1
-            .split_whitespace()
-            .nth(16)
-            .unwrap()
-            .parse()
-            .unwrap();
+        let own: i64 = stat_field(&stat, 19).unwrap().parse().unwrap();
         // A second thread, alive while the threads are read.
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let t = std::thread::spawn(move || rx.recv());
@@ -742,5 +740,16 @@ mod tests {
         drop(tx);
         let _ = t.join();
         assert!(thread_nice(u32::MAX).is_empty());
+    }
+
+    #[test]
+    fn stat_fields_count_past_a_command_name_with_spaces_and_parentheses() {
+        let stat = "42 (a b) c) S 1 42 42 0 -1 4194560 10 0 0 0 250 75 0 0 20 5 3";
+        assert_eq!(stat_field(stat, 1), None);
+        assert_eq!(stat_field(stat, 3), Some("S"));
+        assert_eq!(stat_field(stat, 14), Some("250"));
+        assert_eq!(stat_field(stat, 15), Some("75"));
+        assert_eq!(stat_field(stat, 19), Some("5"));
+        assert_eq!(stat_field(stat, 30), None);
     }
 }
