@@ -66,6 +66,44 @@ fn bench_drives_a_real_server_without_errors() {
             "{level}"
         );
         assert!(level["p99_ms"].as_f64().unwrap() >= level["p50_ms"].as_f64().unwrap());
+        // Each connection's share: they add up to the level, and at one stream only the first
+        // connection carries requests.
+        let connections = level["connections"].as_array().unwrap();
+        assert_eq!(connections.len(), 3, "{level}");
+        let shares: Vec<u64> = connections
+            .iter()
+            .map(|c| c["ok"].as_u64().unwrap())
+            .collect();
+        assert_eq!(shares.iter().sum::<u64>(), level["ok"].as_u64().unwrap());
+        if conc == 1 {
+            assert_eq!(&shares[1..], [0, 0], "{level}");
+        } else {
+            assert!(shares.iter().all(|&n| n > 0), "{level}");
+        }
+        for c in connections
+            .iter()
+            .filter(|c| c["ok"].as_u64().unwrap() >= 2)
+        {
+            assert!(c["p50_ms"].as_f64().unwrap() > 0.0, "{level}");
+            assert!(c["p99_ms"].as_f64().unwrap() >= c["p50_ms"].as_f64().unwrap());
+            assert!(c["longest_gap_ms"].as_f64().unwrap() > 0.0, "{level}");
+        }
+        // One entry per signing worker, by thread name; connections are dealt to the workers
+        // in turn, so at one stream the first worker does the work.
+        let workers = level["workers"].as_array().unwrap();
+        assert_eq!(workers.len() as u64, report["cores"].as_u64().unwrap());
+        assert_eq!(workers[0]["thread"], "cactl-grpc-0");
+        let cpu: Vec<f64> = workers
+            .iter()
+            .map(|w| w["cpu_ms"].as_f64().unwrap())
+            .collect();
+        assert!(cpu[0] > 0.0, "{level}");
+        if conc == 1 {
+            assert!(cpu[0] > cpu[1..].iter().sum::<f64>(), "{level}");
+        }
+        for w in workers {
+            assert!(w["run_queue_wait_ms"].as_f64().unwrap() >= 0.0, "{w}");
+        }
     }
     let cores = report["cores"].as_u64().unwrap();
     for raw in [&report["raw"], &report["raw_after"]] {

@@ -137,6 +137,36 @@ pub struct LevelResult {
     pub cpu_over_raw_loaded: f64,
     /// Server resident memory at the end of the level, KiB.
     pub server_rss_kib: u64,
+    /// Each client connection's share. The server deals connections to its workers in turn,
+    /// so connection `i` is served by worker `i mod workers`: a worker that lags shows as a
+    /// tail on its connections only.
+    pub connections: Vec<ConnectionResult>,
+    /// Each signing worker thread of the server during the level, from `/proc/.../schedstat`.
+    pub workers: Vec<WorkerResult>,
+}
+
+/// One client connection's share of a level.
+#[derive(Clone, Debug, Serialize)]
+pub struct ConnectionResult {
+    /// Successful requests.
+    pub ok: u64,
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// The longest time between two successful answers on the connection, ms.
+    pub longest_gap_ms: f64,
+}
+
+/// One server signing worker thread during a level.
+#[derive(Clone, Debug, Serialize)]
+pub struct WorkerResult {
+    /// Thread name (`cactl-grpc-N`).
+    pub thread: String,
+    /// Time it ran on a CPU, ms.
+    pub cpu_ms: f64,
+    /// Time it was runnable but waited for a CPU (the guest's run queue), ms.
+    pub run_queue_wait_ms: f64,
 }
 
 /// The whole report.
@@ -409,8 +439,9 @@ fn cpu_seconds(pid: u32) -> f64 {
     (ticks(14) + ticks(15)) / 100.0
 }
 
-/// Field `n` (1-based, as in proc(5)) of a `/proc/.../stat` line. Fields after the command name
-/// (which may contain spaces and parentheses) are counted from the last ')'.
+/// Field `n` (1-based, as in proc(5)) of a `/proc/.../stat` line, for `n` ≥ 3: fields after the
+/// command name (which may contain spaces and parentheses) are counted from the last ')'. The
+/// pid and the command name (fields 1 and 2) give `None`.
 fn stat_field(stat: &str, n: usize) -> Option<&str> {
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     rest.split_whitespace().nth(n.checked_sub(3)?)
@@ -431,6 +462,48 @@ fn thread_nice(pid: u32) -> Vec<i64> {
         }
     }
     values.into_iter().collect()
+}
+
+/// (thread name, ns on a CPU, ns waiting for one) of each `cactl-grpc-*` thread of a process,
+/// by name.
+fn worker_schedstats(pid: u32) -> Vec<(String, u64, u64)> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Ok(name) = std::fs::read_to_string(task.path().join("comm")) else {
+            continue;
+        };
+        let name = name.trim_end();
+        if !name.starts_with("cactl-grpc-") {
+            continue;
+        }
+        let Ok(sched) = std::fs::read_to_string(task.path().join("schedstat")) else {
+            continue;
+        };
+        let mut fields = sched.split_whitespace().map(|v| v.parse::<u64>().ok());
+        if let (Some(Some(run)), Some(Some(wait))) = (fields.next(), fields.next()) {
+            out.push((name.to_owned(), run, wait));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// What each worker did between two [`worker_schedstats`] readings.
+fn worker_deltas(before: &[(String, u64, u64)], after: &[(String, u64, u64)]) -> Vec<WorkerResult> {
+    after
+        .iter()
+        .filter_map(|(name, run, wait)| {
+            let (_, run0, wait0) = before.iter().find(|(n, _, _)| n == name)?;
+            Some(WorkerResult {
+                thread: name.clone(),
+                cpu_ms: run.saturating_sub(*run0) as f64 / 1e6,
+                run_queue_wait_ms: wait.saturating_sub(*wait0) as f64 / 1e6,
+            })
+        })
+        .collect()
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -527,22 +600,18 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
             opts.duration
         ));
         let cpu0 = cpu_seconds(pid);
-        let (ok, errors, mut lat, elapsed) =
+        let sched0 = worker_schedstats(pid);
+        let (ok, errors, mut lat, elapsed, per_connection) =
             drive(&mut connections, &encoded, conc, opts.duration).await;
         let cpu = cpu_seconds(pid) - cpu0;
+        let workers = worker_deltas(&sched0, &worker_schedstats(pid));
         let rss = rss_kib(pid);
         progress(&format!("concurrency {conc}: measuring raw crypto cost"));
         let after = tokio::task::spawn_blocking(move || raw_cost(raw_budget, cores))
             .await
             .map_err(|e| Error::Setup(e.to_string()))??;
         lat.sort_unstable();
-        let pct = |p: f64| -> f64 {
-            if lat.is_empty() {
-                return 0.0;
-            }
-            let i = ((lat.len() as f64 * p).ceil() as usize).clamp(1, lat.len()) - 1;
-            lat[i] as f64 / 1000.0
-        };
+        let pct = |p: f64| percentile_ms(&lat, p);
         let raw_us = (before.mix_us(rsa_share) + after.mix_us(rsa_share)) / 2.0;
         let limit =
             (before.mix_limit_all_cores(rsa_share) + after.mix_limit_all_cores(rsa_share)) / 2.0;
@@ -569,6 +638,8 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
             cpu_over_raw: div(cpu_us, raw_us),
             cpu_over_raw_loaded: div(cpu_us, loaded_us),
             server_rss_kib: rss,
+            connections: per_connection,
+            workers,
         });
         before = after;
     }
@@ -663,14 +734,23 @@ async fn tls_connect(addr: &str, bundle_pem: &str, server_name: &str) -> Result<
     Ok(tls)
 }
 
+/// The `p` quantile of sorted latencies in µs, in ms (0 when there are none).
+fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted_us.len() as f64 * p).ceil() as usize).clamp(1, sorted_us.len()) - 1;
+    sorted_us[i] as f64 / 1000.0
+}
+
 /// Keeps `conc` requests in flight, spread over the connections, for `dur`; returns (ok,
-/// errors, latencies µs, seconds).
+/// errors, latencies µs, seconds, each connection's share).
 async fn drive(
     connections: &mut Vec<wire::Connection<Tls>>,
     encoded: &Arc<wire::Encoded>,
     conc: usize,
     dur: Duration,
-) -> (u64, u64, Vec<u64>, f64) {
+) -> (u64, u64, Vec<u64>, f64, Vec<ConnectionResult>) {
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let count = connections.len().max(1);
@@ -691,15 +771,22 @@ async fn drive(
     tokio::time::sleep(dur).await;
     stop.store(true, Ordering::Relaxed);
     let elapsed_at_stop = start.elapsed().as_secs_f64();
-    let (mut ok, mut errors, mut all) = (0, 0, Vec::new());
+    let (mut ok, mut errors, mut all, mut shares) = (0, 0, Vec::new(), Vec::new());
     for t in tasks {
         match t.await {
-            Ok((conn, tally)) => {
+            Ok((conn, mut tally)) => {
                 if let Some(f) = &tally.failure {
                     tracing::warn!(error = %f, "bench connection failed");
                 }
                 ok += tally.ok;
                 errors += tally.errors;
+                tally.latencies_us.sort_unstable();
+                shares.push(ConnectionResult {
+                    ok: tally.ok,
+                    p50_ms: percentile_ms(&tally.latencies_us, 0.50),
+                    p99_ms: percentile_ms(&tally.latencies_us, 0.99),
+                    longest_gap_ms: tally.longest_gap_us as f64 / 1000.0,
+                });
                 all.extend(tally.latencies_us);
                 connections.push(conn);
             }
@@ -708,7 +795,7 @@ async fn drive(
     }
     // Requests finishing after the stop flag are counted; the window ends when the last does.
     let elapsed = start.elapsed().as_secs_f64().max(elapsed_at_stop);
-    (ok, errors, all, elapsed)
+    (ok, errors, all, elapsed, shares)
 }
 
 fn jwk_for(key: &SecretKey, kid: &str) -> Result<String, Error> {
@@ -751,5 +838,62 @@ mod tests {
         assert_eq!(stat_field(stat, 15), Some("75"));
         assert_eq!(stat_field(stat, 19), Some("5"));
         assert_eq!(stat_field(stat, 30), None);
+    }
+
+    #[test]
+    fn worker_schedstats_find_the_named_threads_of_a_process() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::Builder::new()
+            .name("cactl-grpc-7".into())
+            .spawn(move || {
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_millis(20) {
+                    std::hint::spin_loop();
+                }
+                rx.recv()
+            })
+            .unwrap();
+        // Until the thread has spun, its run time may read 0.
+        std::thread::sleep(Duration::from_millis(50));
+        let stats = worker_schedstats(std::process::id());
+        drop(tx);
+        let _ = t.join();
+        assert_eq!(stats.len(), 1, "{stats:?}");
+        assert_eq!(stats[0].0, "cactl-grpc-7");
+        assert!(stats[0].1 >= 10_000_000, "{stats:?}");
+        assert!(worker_schedstats(u32::MAX).is_empty());
+    }
+
+    #[test]
+    fn worker_deltas_pair_threads_by_name() {
+        let before = vec![
+            ("cactl-grpc-0".to_owned(), 1_000_000, 500_000),
+            ("cactl-grpc-1".to_owned(), 2_000_000, 0),
+        ];
+        let after = vec![
+            ("cactl-grpc-0".to_owned(), 3_500_000, 1_500_000),
+            ("cactl-grpc-1".to_owned(), 2_250_000, 4_000_000),
+            ("cactl-grpc-2".to_owned(), 9_000_000, 9_000_000),
+        ];
+        let d = worker_deltas(&before, &after);
+        assert_eq!(d.len(), 2);
+        assert_eq!(
+            (d[0].thread.as_str(), d[0].cpu_ms, d[0].run_queue_wait_ms),
+            ("cactl-grpc-0", 2.5, 1.0)
+        );
+        assert_eq!(
+            (d[1].thread.as_str(), d[1].cpu_ms, d[1].run_queue_wait_ms),
+            ("cactl-grpc-1", 0.25, 4.0)
+        );
+    }
+
+    #[test]
+    fn percentiles_index_the_sorted_latencies() {
+        assert_eq!(percentile_ms(&[], 0.99), 0.0);
+        let lat: Vec<u64> = (1..=100).map(|i| i * 1000).collect();
+        assert_eq!(percentile_ms(&lat, 0.50), 50.0);
+        assert_eq!(percentile_ms(&lat, 0.99), 99.0);
+        assert_eq!(percentile_ms(&lat, 0.999), 100.0);
+        assert_eq!(percentile_ms(&[7], 0.5), 0.007);
     }
 }

@@ -189,6 +189,10 @@ pub struct Tally {
     pub latencies_us: Vec<u64>,
     /// Why the connection failed, if it did.
     pub failure: Option<String>,
+    /// The longest time between two good answers, µs: a stall of the server worker serving
+    /// this connection shows here.
+    pub longest_gap_us: u64,
+    last_done: Option<Instant>,
 }
 
 /// One connection's share of a run.
@@ -495,9 +499,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Connection<S> {
                 .is_some_and(|r| r.cert_chain.len() >= 2);
         if good {
             tally.ok += 1;
+            let now = Instant::now();
             if let Some(t) = s.started {
-                tally.latencies_us.push(t.elapsed().as_micros() as u64);
+                tally
+                    .latencies_us
+                    .push(now.duration_since(t).as_micros() as u64);
             }
+            if let Some(last) = tally.last_done {
+                let gap = now.duration_since(last).as_micros() as u64;
+                tally.longest_gap_us = tally.longest_gap_us.max(gap);
+            }
+            tally.last_done = Some(now);
         } else {
             tracing::debug!(
                 stream,

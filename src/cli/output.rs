@@ -395,6 +395,21 @@ pub(super) fn bench(format: OutputFormat, r: &crate::bench::Report) {
                     l.cpu_over_raw_loaded,
                     l.server_rss_kib
                 );
+                let conns: Vec<String> = l
+                    .connections
+                    .iter()
+                    .map(|c| format!("{:.2}/{:.1}", c.p99_ms, c.longest_gap_ms))
+                    .collect();
+                let workers: Vec<String> = l
+                    .workers
+                    .iter()
+                    .map(|w| format!("{:.0}/{:.0}", w.cpu_ms, w.run_queue_wait_ms))
+                    .collect();
+                outln!(
+                    "      connections p99/longest gap ms: {}; workers CPU/run-queue wait ms: {}",
+                    conns.join(" "),
+                    workers.join(" ")
+                );
             }
             outln!(
                 "limit/s: raw crypto on all cores at once (mean of the measurements before and after the level); ratio = certs/s / limit; ratio1x = certs/s / (cores x one thread's limit); CPU/raw = server CPU per cert / one thread's raw cost; loaded = / the raw cost per thread with all cores busy"
