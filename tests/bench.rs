@@ -34,6 +34,7 @@ fn bench_drives_a_real_server_without_errors() {
     assert!(out.status.success(), "bench failed: {stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["styles"], serde_json::json!(["ztunnel", "agent"]));
+    assert_eq!(report["server_log"], "info, pipe");
     // Every server thread ran 3 nicer than this test (which runs at nice 0 unless the whole
     // run was started niced).
     let own = own_nice();
@@ -112,6 +113,55 @@ fn bench_drives_a_real_server_without_errors() {
         assert_eq!(raw["threads"].as_u64().unwrap(), cores, "{raw}");
         assert!(raw["limit_all_cores"].as_f64().unwrap() > 0.0, "{raw}");
     }
+}
+
+#[test]
+fn bench_can_send_the_server_logs_to_dev_null() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cactl"))
+        .current_dir(dir.path())
+        .args([
+            "--output",
+            "json",
+            "bench",
+            "--concurrency",
+            "2",
+            "--duration",
+            "500ms",
+            "--warmup",
+            "100ms",
+            "--identities",
+            "2",
+            "--raw-budget",
+            "100ms",
+            "--server-log-level",
+            "debug",
+            "--server-log-sink",
+            "null",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["server_log"], "debug, null");
+    let level = &report["levels"][0];
+    assert_eq!(level["errors"], 0, "{level}");
+    assert!(level["ok"].as_u64().unwrap() > 0, "{level}");
+}
+
+#[test]
+fn bench_refuses_an_unknown_log_sink() {
+    let out = Command::new(env!("CARGO_BIN_EXE_cactl"))
+        .args(["bench", "--server-log-sink", "file"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("invalid value 'file' for '--server-log-sink"),
+        "{stderr}"
+    );
 }
 
 /// This process's nice value, from `/proc/self/stat`.

@@ -60,6 +60,8 @@ pub struct Options {
     /// The server's `--log-level` (its logs are JSON, read and discarded as a log collector
     /// would).
     pub server_log_level: String,
+    /// Send the server's logs to `/dev/null` instead of a pipe the bench reads.
+    pub server_log_to_null: bool,
 }
 
 /// Raw crypto cost of one certificate: verify a P-256 CSR signature, make one P-256 signature.
@@ -187,6 +189,8 @@ pub struct Report {
     /// The nice values the server's threads ran at (distinct, ascending), read from `/proc` at
     /// the end of the last level.
     pub server_nice: Vec<i64>,
+    /// The server's log level and where its logs went (`pipe` or `null`).
+    pub server_log: String,
 }
 
 /// Measures the raw crypto cost with ring for about `budget`: half of it each operation on one
@@ -389,7 +393,11 @@ fn start_server(opts: &Options, jwks: &str) -> Result<ServerProc, Error> {
         .arg("serve")
         .current_dir(&dir)
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stderr(if opts.server_log_to_null {
+            std::process::Stdio::null()
+        } else {
+            std::process::Stdio::piped()
+        })
         .spawn()
         .map_err(|e| {
             Error::Setup(format!(
@@ -659,6 +667,15 @@ pub async fn run(opts: Options, progress: impl Fn(&str)) -> Result<Report, Error
         levels,
         verify_issued: verify_issued.into(),
         server_nice,
+        server_log: format!(
+            "{}, {}",
+            opts.server_log_level,
+            if opts.server_log_to_null {
+                "null"
+            } else {
+                "pipe"
+            }
+        ),
     })
 }
 

@@ -356,11 +356,12 @@ pub(super) fn bench(format: OutputFormat, r: &crate::bench::Report) {
             raw("before", &r.raw);
             raw("after", &r.raw_after);
             outln!(
-                "cores {}, mix {:?}, verify_issued {}, server nice {:?}",
+                "cores {}, mix {:?}, verify_issued {}, server nice {:?}, server log {}",
                 r.cores,
                 r.styles,
                 r.verify_issued,
-                r.server_nice
+                r.server_nice,
+                r.server_log
             );
             outln!(
                 "{:>5} {:>8} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>6} {:>7} {:>7} {:>7} {:>8}",
