@@ -472,8 +472,8 @@ fn thread_nice(pid: u32) -> Vec<i64> {
     values.into_iter().collect()
 }
 
-/// (thread name, ns on a CPU, ns waiting for one) of each `cactl-grpc-*` thread of a process,
-/// by name.
+/// (thread name, ns on a CPU, ns waiting for one) of each `cactl-grpc-N` thread of a process,
+/// in order of N.
 fn worker_schedstats(pid: u32) -> Vec<(String, u64, u64)> {
     let mut out = Vec::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -495,7 +495,12 @@ fn worker_schedstats(pid: u32) -> Vec<(String, u64, u64)> {
             out.push((name.to_owned(), run, wait));
         }
     }
-    out.sort();
+    // By worker number, so entry n is worker n however many there are.
+    out.sort_by_key(|(name, _, _)| {
+        name.trim_start_matches("cactl-grpc-")
+            .parse::<usize>()
+            .unwrap_or(usize::MAX)
+    });
     out
 }
 
@@ -859,7 +864,14 @@ mod tests {
 
     #[test]
     fn worker_schedstats_find_the_named_threads_of_a_process() {
-        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (spun_tx, spun_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (idle_tx, idle_rx) = std::sync::mpsc::channel::<()>();
+        // Named to sort after worker 7 by number and before it as text.
+        let idle = std::thread::Builder::new()
+            .name("cactl-grpc-10".into())
+            .spawn(move || idle_rx.recv())
+            .unwrap();
         let t = std::thread::Builder::new()
             .name("cactl-grpc-7".into())
             .spawn(move || {
@@ -867,17 +879,23 @@ mod tests {
                 while start.elapsed() < Duration::from_millis(20) {
                     std::hint::spin_loop();
                 }
-                rx.recv()
+                let _ = spun_tx.send(());
+                done_rx.recv()
             })
             .unwrap();
-        // Until the thread has spun, its run time may read 0.
-        std::thread::sleep(Duration::from_millis(50));
+        // Once it has spun and gone to sleep, its CPU time is on record.
+        spun_rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(5));
         let stats = worker_schedstats(std::process::id());
-        drop(tx);
+        drop(done_tx);
+        drop(idle_tx);
         let _ = t.join();
-        assert_eq!(stats.len(), 1, "{stats:?}");
+        let _ = idle.join();
+        assert_eq!(stats.len(), 2, "{stats:?}");
         assert_eq!(stats[0].0, "cactl-grpc-7");
-        assert!(stats[0].1 >= 10_000_000, "{stats:?}");
+        assert_eq!(stats[1].0, "cactl-grpc-10");
+        // Some CPU time, however busy the machine (the spin is timed by the wall clock).
+        assert!(stats[0].1 > 0, "{stats:?}");
         assert!(worker_schedstats(u32::MAX).is_empty());
     }
 
