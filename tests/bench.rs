@@ -6,33 +6,22 @@ use std::process::Command;
 
 #[test]
 fn bench_drives_a_real_server_without_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cactl"))
-        .current_dir(dir.path())
-        .args([
-            "--output",
-            "json",
-            "bench",
-            "--concurrency",
-            "1,8",
-            "--duration",
-            "1s",
-            "--warmup",
-            "200ms",
-            "--connections",
-            "3",
-            "--styles",
-            "ztunnel,agent",
-            "--raw-budget",
-            "300ms",
-            "--server-nice",
-            "3",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench_report(&[
+        "--concurrency",
+        "1,8",
+        "--duration",
+        "1s",
+        "--warmup",
+        "200ms",
+        "--connections",
+        "3",
+        "--styles",
+        "ztunnel,agent",
+        "--raw-budget",
+        "300ms",
+        "--server-nice",
+        "3",
+    ]);
     assert_eq!(report["styles"], serde_json::json!(["ztunnel", "agent"]));
     assert_eq!(report["server_log"], "info, pipe");
     // Every server thread ran 3 nicer than this test (which runs at nice 0 unless the whole
@@ -117,33 +106,22 @@ fn bench_drives_a_real_server_without_errors() {
 
 #[test]
 fn bench_can_send_the_server_logs_to_dev_null() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_cactl"))
-        .current_dir(dir.path())
-        .args([
-            "--output",
-            "json",
-            "bench",
-            "--concurrency",
-            "2",
-            "--duration",
-            "500ms",
-            "--warmup",
-            "100ms",
-            "--identities",
-            "2",
-            "--raw-budget",
-            "100ms",
-            "--server-log-level",
-            "debug",
-            "--server-log-sink",
-            "null",
-        ])
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "bench failed: {stderr}");
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = bench_report(&[
+        "--concurrency",
+        "2",
+        "--duration",
+        "500ms",
+        "--warmup",
+        "100ms",
+        "--identities",
+        "2",
+        "--raw-budget",
+        "100ms",
+        "--server-log-level",
+        "debug",
+        "--server-log-sink",
+        "null",
+    ]);
     assert_eq!(report["server_log"], "debug, null");
     let level = &report["levels"][0];
     assert_eq!(level["errors"], 0, "{level}");
@@ -162,6 +140,21 @@ fn bench_refuses_an_unknown_log_sink() {
         stderr.contains("invalid value 'file' for '--server-log-sink"),
         "{stderr}"
     );
+}
+
+/// Runs `cactl --output json bench ARGS` in an empty directory and returns its report; the run
+/// must succeed.
+fn bench_report(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_cactl"))
+        .current_dir(dir.path())
+        .args(["--output", "json", "bench"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    serde_json::from_slice(&out.stdout).unwrap()
 }
 
 /// This process's nice value, from `/proc/self/stat`.
