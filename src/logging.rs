@@ -1,4 +1,4 @@
-//! Log lines, batched per thread where a thread asks for it.
+//! Log lines, batched per thread where a thread asks for it, and the thread that writes them.
 //!
 //! `cactl serve` logs every certificate it issues. Handing each line to the log writer thread
 //! on its own costs a channel message and, whenever that thread has gone to sleep, a wake-up:
@@ -7,7 +7,15 @@
 //! the worker runs out of work (its runtime's park hook), at least every
 //! [`FLUSH_INTERVAL`], and when the worker ends. A line is never split and lines from one
 //! thread keep their order; threads that did not ask for batching hand each line over at once.
-//! A process killed without warning can lose at most one interval of a worker's lines.
+//!
+//! The writer thread ([`Output`]) is not woken for a worker's batch either. Each wake-up put a
+//! runnable thread on a CPU a signing worker was using, and the workers' time waiting for a
+//! CPU, not the writer's few microseconds of work, was what widened the latency tail. While
+//! lines keep arriving the writer collects them on its own timer, every [`DRAIN_INTERVAL`];
+//! only a line from a thread that does not batch, a large backlog or shutdown wakes it early.
+//! A process killed without warning can lose at most [`FLUSH_INTERVAL`] plus
+//! [`DRAIN_INTERVAL`] of a worker's lines. Nothing is dropped otherwise: when the writer falls
+//! far behind, loggers wait for it.
 //!
 //! [`JsonFormat`] writes each event as one JSON object straight into the line, with no
 //! intermediate values: the general-purpose JSON formatter serialises through serde and formats
@@ -16,7 +24,8 @@
 use std::cell::RefCell;
 use std::fmt::{self, Write as _};
 use std::io;
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use tracing::field::{Field, Visit};
@@ -28,11 +37,29 @@ use tracing_subscriber::registry::LookupSpan;
 /// Longest a batched line waits while its worker stays busy.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How often the writer thread takes the lines handed over while lines keep arriving.
+pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+
 /// A batch is handed over once it holds this much.
 const BATCH_BYTES: usize = 16 * 1024;
 
-/// Where lines end up: the log writer thread, or anything else in tests.
-pub type Sink = Arc<dyn Fn(&[u8]) -> io::Result<()> + Send + Sync>;
+/// Lines waiting for the writer above which it is woken early.
+const DRAIN_EARLY_BYTES: usize = 1024 * 1024;
+
+/// Lines waiting for the writer above which a hand-off waits for room.
+const MAX_PENDING_BYTES: usize = 8 * 1024 * 1024;
+
+/// Where lines end up: the log writer thread ([`Output::sink`]), or anything else in tests.
+pub type Sink = Arc<dyn Fn(&[u8], Handoff) -> io::Result<()> + Send + Sync>;
+
+/// Whether a hand-off wakes the writer thread.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handoff {
+    /// A line from a thread that does not batch: written promptly.
+    Now,
+    /// A worker's batch: taken on the writer's own schedule, within [`DRAIN_INTERVAL`].
+    Batch,
+}
 
 /// The `MakeWriter` for the log subscriber.
 #[derive(Clone)]
@@ -79,7 +106,7 @@ impl io::Write for Line<'_> {
                 Ok(buf.len())
             }
             // Not batching, or the thread is ending: straight to the sink.
-            _ => (self.sink)(buf).map(|()| buf.len()),
+            _ => (self.sink)(buf, Handoff::Now).map(|()| buf.len()),
         }
     }
 
@@ -124,7 +151,7 @@ pub fn flush_this_thread() {
     });
     if let Ok(Some((sink, lines))) = taken {
         // Nowhere to report a failed log write but the log itself.
-        let _ = sink(&lines);
+        let _ = sink(&lines, Handoff::Batch);
     }
 }
 
@@ -136,6 +163,149 @@ impl Drop for BatchGuard {
         flush_this_thread();
         let _ = BATCH.try_with(|b| b.borrow_mut().take());
     }
+}
+
+/// The log writer thread: takes the lines handed to its [`sink`](Self::sink) and writes them
+/// to its output in large writes. Dropping it writes what is left and stops the thread.
+pub struct Output {
+    queue: Arc<Queue>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Output {
+    /// Starts the writer thread (`cactl-log`) writing to `out`, collecting lines for up to
+    /// `interval` while they keep arriving.
+    pub fn start(out: impl io::Write + Send + 'static, interval: Duration) -> io::Result<Self> {
+        let queue = Arc::new(Queue {
+            pending: Mutex::new(Pending {
+                lines: Vec::new(),
+                idle: false,
+                wanted: false,
+                closed: false,
+            }),
+            wake: Condvar::new(),
+            room: Condvar::new(),
+        });
+        let q = queue.clone();
+        let thread = std::thread::Builder::new()
+            .name("cactl-log".into())
+            .spawn(move || write_lines(&q, out, interval))?;
+        Ok(Self {
+            queue,
+            thread: Some(thread),
+        })
+    }
+
+    /// Where the log lines go: a hand-off into this writer's queue.
+    pub fn sink(&self) -> Sink {
+        let queue = self.queue.clone();
+        Arc::new(move |lines: &[u8], handoff: Handoff| queue.push(lines, handoff))
+    }
+}
+
+impl Drop for Output {
+    fn drop(&mut self) {
+        {
+            let mut p = self.queue.lock();
+            p.closed = true;
+        }
+        self.queue.wake.notify_all();
+        self.queue.room.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Lines handed over and not yet taken by the writer.
+struct Queue {
+    pending: Mutex<Pending>,
+    /// The writer waits here, for lines or for its interval to pass.
+    wake: Condvar,
+    /// Hand-offs wait here while the queue is full.
+    room: Condvar,
+}
+
+struct Pending {
+    lines: Vec<u8>,
+    /// The writer is waiting for lines with no timeout: the next hand-off wakes it.
+    idle: bool,
+    /// The writer should take the lines now rather than at the end of its interval.
+    wanted: bool,
+    /// The writer takes what is left and stops; later hand-offs fail.
+    closed: bool,
+}
+
+impl Queue {
+    fn lock(&self) -> MutexGuard<'_, Pending> {
+        // A thread that panicked while holding the lock left whole lines behind: every
+        // change to `Pending` is a single append, swap or flag store.
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn push(&self, lines: &[u8], handoff: Handoff) -> io::Result<()> {
+        let mut p = self.lock();
+        while p.lines.len() >= MAX_PENDING_BYTES && !p.closed {
+            p.wanted = true;
+            self.wake.notify_one();
+            p = self.room.wait(p).unwrap_or_else(PoisonError::into_inner);
+        }
+        if p.closed {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the log writer has stopped",
+            ));
+        }
+        p.lines.extend_from_slice(lines);
+        let wanted = handoff == Handoff::Now || p.lines.len() >= DRAIN_EARLY_BYTES;
+        if wanted || p.idle {
+            p.wanted |= wanted;
+            p.idle = false;
+            drop(p);
+            self.wake.notify_one();
+        }
+        Ok(())
+    }
+}
+
+/// The writer thread's loop: wait for lines, let more gather for up to `interval` unless they
+/// are wanted now, write them in one go; when closed, write what is left and return.
+fn write_lines(queue: &Queue, mut out: impl io::Write, interval: Duration) {
+    let mut taken = Vec::new();
+    let mut p = queue.lock();
+    loop {
+        if p.lines.is_empty() {
+            if p.closed {
+                break;
+            }
+            p.idle = true;
+            p = queue
+                .wake
+                .wait_while(p, |p| p.idle && !p.closed)
+                .unwrap_or_else(PoisonError::into_inner);
+            continue;
+        }
+        if !p.wanted && !p.closed {
+            p = match queue
+                .wake
+                .wait_timeout_while(p, interval, |p| !p.wanted && !p.closed)
+            {
+                Ok((p, _)) => p,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        p.wanted = false;
+        std::mem::swap(&mut p.lines, &mut taken);
+        drop(p);
+        queue.room.notify_all();
+        // Nowhere to report a failed log write but the log itself; going on keeps the
+        // loggers from waiting for room that never comes.
+        let _ = out.write_all(&taken).and_then(|()| out.flush());
+        taken.clear();
+        p = queue.lock();
+    }
+    drop(p);
+    let _ = out.flush();
 }
 
 /// Formats events as JSON lines: `timestamp` (RFC 3339, UTC, microseconds), `level`, the
@@ -333,7 +503,7 @@ mod tests {
     fn recorder() -> (Writer, Arc<Mutex<Vec<Vec<u8>>>>) {
         let got = Arc::new(Mutex::new(Vec::new()));
         let g = got.clone();
-        let sink: Sink = Arc::new(move |b: &[u8]| {
+        let sink: Sink = Arc::new(move |b: &[u8], _| {
             g.lock()
                 .map_err(|_| io::Error::other("poisoned"))?
                 .push(b.to_vec());
@@ -395,6 +565,188 @@ mod tests {
         })
         .join()
         .unwrap();
+    }
+
+    /// An output that records each write and can be held shut, to stand in for a pipe nobody
+    /// reads.
+    #[derive(Clone, Default)]
+    struct Recorded {
+        writes: Arc<Mutex<Vec<Vec<u8>>>>,
+        shut: Arc<(Mutex<bool>, std::sync::Condvar)>,
+        entered: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl Recorded {
+        fn writes(&self) -> Vec<Vec<u8>> {
+            self.writes.lock().map(|w| w.clone()).unwrap_or_default()
+        }
+
+        fn all(&self) -> Vec<u8> {
+            self.writes().concat()
+        }
+
+        fn hold(&self, shut: bool) {
+            *self.shut.0.lock().unwrap() = shut;
+            self.shut.1.notify_all();
+        }
+    }
+
+    impl io::Write for Recorded {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.entered
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let (lock, open) = &*self.shut;
+            let _open = open.wait_while(lock.lock().unwrap(), |shut| *shut).unwrap();
+            self.writes.lock().unwrap().push(buf.to_vec());
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn wait_for(what: impl Fn() -> bool) -> bool {
+        let until = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < until {
+            if what() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
+    #[test]
+    fn a_batch_waits_for_the_writers_interval_and_a_prompt_line_takes_it_along() {
+        let rec = Recorded::default();
+        let out = Output::start(rec.clone(), Duration::from_secs(3600)).unwrap();
+        let sink = out.sink();
+        sink(b"batch one\n", Handoff::Batch).unwrap();
+        sink(b"batch two\n", Handoff::Batch).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            rec.writes().is_empty(),
+            "a batch does not make the writer write"
+        );
+        sink(b"prompt\n", Handoff::Now).unwrap();
+        assert!(
+            wait_for(|| !rec.writes().is_empty()),
+            "a prompt line is written at once"
+        );
+        assert_eq!(
+            rec.writes(),
+            vec![b"batch one\nbatch two\nprompt\n".to_vec()]
+        );
+        drop(out);
+    }
+
+    #[test]
+    fn batches_are_written_on_the_writers_timer_not_one_write_each() {
+        let rec = Recorded::default();
+        let out = Output::start(rec.clone(), Duration::from_millis(50)).unwrap();
+        let sink = out.sink();
+        let started = std::time::Instant::now();
+        let mut expected = Vec::new();
+        for i in 0..200 {
+            let line = format!("line {i}\n");
+            sink(line.as_bytes(), Handoff::Batch).unwrap();
+            expected.extend_from_slice(line.as_bytes());
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let elapsed = started.elapsed();
+        assert!(
+            wait_for(|| rec.all().len() == expected.len()),
+            "written within the interval"
+        );
+        // One write per interval at most while lines keep coming (plus the first and last).
+        let most = elapsed.as_millis() / 50 + 2;
+        let writes = rec.writes().len();
+        assert!(writes as u128 <= most, "{writes} writes in {elapsed:?}");
+        assert!(writes > 1, "lines are written while they keep coming");
+        assert_eq!(rec.all(), expected);
+        drop(out);
+    }
+
+    #[test]
+    fn dropping_the_output_writes_what_is_left_and_later_lines_are_refused() {
+        let rec = Recorded::default();
+        let out = Output::start(rec.clone(), Duration::from_secs(3600)).unwrap();
+        let sink = out.sink();
+        sink(b"one\n", Handoff::Batch).unwrap();
+        sink(b"two\n", Handoff::Batch).unwrap();
+        let started = std::time::Instant::now();
+        drop(out);
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no wait for the interval"
+        );
+        assert_eq!(rec.all(), b"one\ntwo\n");
+        let e = sink(b"three\n", Handoff::Now).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn a_full_queue_makes_loggers_wait_and_loses_nothing() {
+        let rec = Recorded::default();
+        rec.hold(true);
+        let out = Output::start(rec.clone(), Duration::from_millis(10)).unwrap();
+        let sink = out.sink();
+        // The writer takes the first line and blocks on the held output.
+        sink(b"first\n", Handoff::Now).unwrap();
+        assert!(wait_for(|| rec
+            .entered
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1));
+        let line = [b'y'; 1023]
+            .iter()
+            .chain(b"\n")
+            .copied()
+            .collect::<Vec<u8>>();
+        let n = MAX_PENDING_BYTES / line.len() + 64;
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let s = sink.clone();
+        let l = line.clone();
+        let logger = std::thread::spawn(move || {
+            for _ in 0..n {
+                s(&l, Handoff::Batch).unwrap();
+            }
+            done_tx.send(()).unwrap();
+        });
+        assert!(
+            done_rx.recv_timeout(Duration::from_millis(500)).is_err(),
+            "the logger waits while the queue is full"
+        );
+        rec.hold(false);
+        done_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+        logger.join().unwrap();
+        drop(out);
+        let all = rec.all();
+        assert_eq!(&all[..6], b"first\n");
+        assert_eq!(all.len(), 6 + n * line.len());
+        assert!(all[6..].chunks(line.len()).all(|c| c == line.as_slice()));
+    }
+
+    #[test]
+    fn worker_batches_reach_the_output_in_order() {
+        let rec = Recorded::default();
+        let out = Output::start(rec.clone(), Duration::from_millis(10)).unwrap();
+        let w = Writer::new(out.sink());
+        std::thread::spawn(move || {
+            let _guard = batch_this_thread();
+            for i in 0..2000 {
+                writeln!(w.make_writer(), "line {i:04} {}", "z".repeat(40)).unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+        drop(out);
+        let text = String::from_utf8(rec.all()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2000);
+        for (i, l) in lines.iter().enumerate() {
+            assert!(l.starts_with(&format!("line {i:04} ")), "{l}");
+        }
     }
 
     #[test]

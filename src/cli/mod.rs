@@ -372,23 +372,21 @@ pub fn run() -> ExitCode {
 /// handed over (in batches from the signing workers, see `crate::logging`), and the thread
 /// writes whatever has queued up in one go. `cactl serve` logs every certificate it issues,
 /// and a write(2) per line would cost the signing path more than the line itself. Nothing is
-/// dropped: when the thread falls behind, loggers wait. The guard flushes the queue when
-/// dropped.
-fn init_logging(level: &str, format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// dropped: when the thread falls far behind, loggers wait. Dropping the writer writes what is
+/// left. Should the thread not start, lines are written where they are logged.
+fn init_logging(level: &str, format: LogFormat) -> Option<crate::logging::Output> {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("cactl-log")
-        .finish(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        ));
-    let sink: crate::logging::Sink = std::sync::Arc::new(move |lines: &[u8]| {
-        use std::io::Write as _;
-        writer.clone().write_all(lines)
-    });
+    let output =
+        crate::logging::Output::start(std::io::stderr(), crate::logging::DRAIN_INTERVAL).ok();
+    let sink: crate::logging::Sink = match &output {
+        Some(o) => o.sink(),
+        None => std::sync::Arc::new(|lines: &[u8], _| {
+            use std::io::Write as _;
+            std::io::stderr().write_all(lines)
+        }),
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(crate::logging::Writer::new(sink))
@@ -400,7 +398,7 @@ fn init_logging(level: &str, format: LogFormat) -> tracing_appender::non_blockin
             .event_format(crate::logging::JsonFormat)
             .try_init(),
     };
-    guard
+    output
 }
 
 /// Maps an error to the documented exit code.
