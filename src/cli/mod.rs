@@ -294,10 +294,18 @@ pub struct BenchArgs {
     /// The server's log level (JSON logs, as deployed: `info` logs every certificate).
     #[arg(long, default_value = "info")]
     pub server_log_level: String,
-    /// Where the server's logs go: `pipe` (read and discarded by the bench, as a log collector
-    /// would) or `null` (`/dev/null`: no reader to wake).
-    #[arg(long, default_value = "pipe", value_parser = ["pipe", "null"])]
-    pub server_log_sink: String,
+    /// Where the server's logs go.
+    #[arg(long, value_enum, default_value_t = ServerLogSink::Pipe)]
+    pub server_log_sink: ServerLogSink,
+}
+
+/// Where `cactl bench` sends its server's logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ServerLogSink {
+    /// A pipe the bench reads and discards, as a log collector would.
+    Pipe,
+    /// `/dev/null`: no reader to wake.
+    Null,
 }
 
 /// `cactl cluster` subcommands.
@@ -1034,7 +1042,7 @@ fn bench(cli: &Cli, args: &BenchArgs) -> Result<()> {
         server_nice: args.server_nice,
         raw_budget: dur(&args.raw_budget, "raw-budget")?,
         server_log_level: args.server_log_level.clone(),
-        server_log_to_null: args.server_log_sink == "null",
+        server_log_to_null: args.server_log_sink == ServerLogSink::Null,
     };
     // The load generator runs on one thread: its HTTP/2 connections and request tasks never
     // contend for locks or wake each other across cores, so it takes as little of the machine
