@@ -993,6 +993,66 @@ pub fn validate_cluster_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// `text`, a config file, with a cluster named `name` appended to its `clusters` list, edited
+/// in place so that comments and layout survive. A file without the list gains one at its end.
+/// `None` when the list is not a block list this edit understands (flow style, or a key with no
+/// items); callers check that the result parses to the config they expect.
+pub fn append_cluster(text: &str, name: &str) -> Option<String> {
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let Some(key) = lines.iter().position(|l| l.starts_with("clusters:")) else {
+        let mut out = text.to_owned();
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str("clusters:\n- name: ");
+        out.push_str(name);
+        out.push('\n');
+        return Some(out);
+    };
+    // The key must open a block: nothing after the colon but a comment.
+    let after = lines[key]["clusters:".len()..].trim();
+    if !(after.is_empty() || after.starts_with('#')) {
+        return None;
+    }
+    let is_item = |body: &str| body.starts_with("- ") || body.trim_end() == "-";
+    // The items' indentation, and the last line that belongs to the list.
+    let mut indent = None;
+    let mut last = key;
+    for (i, line) in lines.iter().enumerate().skip(key + 1) {
+        let body = line.trim_start_matches(' ');
+        let depth = line.len() - body.len();
+        if body.trim().is_empty() {
+            continue;
+        }
+        if body.starts_with('#') {
+            // A comment indented into the list belongs to it; one further out, to what follows.
+            if indent.is_some_and(|d| depth > d || (depth == d && d > 0)) {
+                last = i;
+            }
+            continue;
+        }
+        match indent {
+            None if is_item(body) => indent = Some(depth),
+            // The next key: `clusters:` has no items.
+            None => return None,
+            Some(d) if depth > d || (depth == d && is_item(body)) => {}
+            Some(_) => break,
+        }
+        last = i;
+    }
+    let indent = indent?;
+    let mut out: String = lines[..=last].concat();
+    if !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(&" ".repeat(indent));
+    out.push_str("- name: ");
+    out.push_str(name);
+    out.push('\n');
+    out.extend(lines[last + 1..].iter().copied());
+    Some(out)
+}
+
 /// Converts a std duration to a `time` duration, saturating.
 pub fn to_time(d: StdDuration) -> Duration {
     Duration::try_from(d).unwrap_or(Duration::MAX)
@@ -1062,6 +1122,41 @@ mod humantime_serde {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn append_cluster_keeps_comments_and_layout() {
+        let text = "# mesh config\ntrust_domain: cluster.local # the mesh's domain\nclusters:\n- name: east\n  # west is run by another team\n- name: west\n# rotation settings follow\nrotation:\n  jitter: 1h\n";
+        assert_eq!(
+            append_cluster(text, "north").unwrap(),
+            "# mesh config\ntrust_domain: cluster.local # the mesh's domain\nclusters:\n- name: east\n  # west is run by another team\n- name: west\n- name: north\n# rotation settings follow\nrotation:\n  jitter: 1h\n"
+        );
+        // Indented items with fields of their own, at the end of a file without a newline.
+        let text =
+            "clusters: # members\n  - name: east\n    jwks_file: east.json\n\n  - name: west";
+        assert_eq!(
+            append_cluster(text, "north").unwrap(),
+            "clusters: # members\n  - name: east\n    jwks_file: east.json\n\n  - name: west\n  - name: north\n"
+        );
+        // A comment indented into the list after its last item stays before the new one.
+        let text = "clusters:\n  - name: east\n    # more soon\n  # really\n# next\nroot: {}\n";
+        assert_eq!(
+            append_cluster(text, "west").unwrap(),
+            "clusters:\n  - name: east\n    # more soon\n  # really\n  - name: west\n# next\nroot: {}\n"
+        );
+        // No list yet: one is started at the end.
+        assert_eq!(
+            append_cluster("# empty\ntrust_domain: x", "east").unwrap(),
+            "# empty\ntrust_domain: x\nclusters:\n- name: east\n"
+        );
+        assert_eq!(
+            append_cluster("", "east").unwrap(),
+            "clusters:\n- name: east\n"
+        );
+        // Shapes left to a full rewrite.
+        assert_eq!(append_cluster("clusters: [east]\n", "west"), None);
+        assert_eq!(append_cluster("clusters:\nroot: {}\n", "west"), None);
+        assert_eq!(append_cluster("clusters:\n", "west"), None);
+    }
 
     #[test]
     fn empty_file_is_the_default_and_round_trips() {

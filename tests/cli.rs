@@ -368,3 +368,54 @@ fn init_with_trust_domain_and_config_env() {
     // The state directory sits beside the config.
     assert!(env.path("sub/cactl-state/state.json").is_file());
 }
+
+#[test]
+fn cluster_add_keeps_the_config_files_comments() {
+    let env = Env::new();
+    env.write(
+        "cactl.yaml",
+        "# Our mesh. Owner: platform team.\n\
+         trust_domain: cluster.local # must match meshConfig.trustDomain\n\
+         clusters:\n\
+         \x20 - name: east\n\
+         \x20   # west joins next quarter\n\
+         # workload certificates\n\
+         workload:\n\
+         \x20 default_ttl: 24h\n",
+    );
+    let run = env.run(&["cluster", "add", "west"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stdout, "cluster west added\n");
+    assert_eq!(
+        run.stderr, "",
+        "no warning when the file is edited in place"
+    );
+    assert_eq!(
+        env.read("cactl.yaml"),
+        "# Our mesh. Owner: platform team.\n\
+         trust_domain: cluster.local # must match meshConfig.trustDomain\n\
+         clusters:\n\
+         \x20 - name: east\n\
+         \x20   # west joins next quarter\n\
+         \x20 - name: west\n\
+         # workload certificates\n\
+         workload:\n\
+         \x20 default_ttl: 24h\n"
+    );
+    assert_eq!(env.ok(&["cluster", "list"]), "east\nwest\n");
+
+    // A list the edit does not understand is rewritten whole, and the user is told.
+    env.write("cactl.yaml", "# flow style\nclusters: [{name: east}]\n");
+    let run = env.run(&["cluster", "add", "west"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stderr.contains(
+            "the clusters list cannot be edited in place; rewriting the file without its comments"
+        ),
+        "{}",
+        run.stderr
+    );
+    let text = env.read("cactl.yaml");
+    assert!(!text.contains("# flow style"), "{text}");
+    assert_eq!(env.ok(&["cluster", "list"]), "east\nwest\n");
+}

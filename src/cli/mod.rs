@@ -580,8 +580,23 @@ fn cluster_add(cli: &Cli, name: &str) -> Result<()> {
         );
     }
     loaded.config.clusters.push(ClusterConfig::named(name));
-    loaded.config.validate(&cli.config.display().to_string())?;
-    write_config(&cli.config, &loaded.config)?;
+    let origin = cli.config.display().to_string();
+    loaded.config.validate(&origin)?;
+    // Edit the file in place, keeping its comments, when the edit reads back as intended.
+    let text = read_file(&cli.config, "config file")?;
+    let edited = config::append_cluster(&text, name)
+        .filter(|t| Config::parse(t, &origin).is_ok_and(|c| c == loaded.config));
+    match edited {
+        Some(text) => fsutil::write_atomic(&cli.config, text.as_bytes(), 0o644)
+            .with_context(|| format!("cannot write config file {origin}"))?,
+        None => {
+            tracing::warn!(
+                config = %origin,
+                "the clusters list cannot be edited in place; rewriting the file without its comments"
+            );
+            write_config(&cli.config, &loaded.config)?;
+        }
+    }
     output::message(
         cli.output,
         &format!("cluster {name} added"),
