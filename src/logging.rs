@@ -8,14 +8,19 @@
 //! [`FLUSH_INTERVAL`], and when the worker ends. A line is never split and lines from one
 //! thread keep their order; threads that did not ask for batching hand each line over at once.
 //!
-//! The writer thread ([`Output`]) is not woken for a worker's batch either. Each wake-up put a
+//! The writer thread ([`Output`]) is not woken for each batch either. Each wake-up put a
 //! runnable thread on a CPU a signing worker was using, and the workers' time waiting for a
 //! CPU, not the writer's few microseconds of work, was what widened the latency tail. While
-//! lines keep arriving the writer collects them on its own timer, every [`DRAIN_INTERVAL`];
-//! only a line from a thread that does not batch, a large backlog or shutdown wakes it early.
-//! A process killed without warning can lose at most [`FLUSH_INTERVAL`] plus
-//! [`DRAIN_INTERVAL`] of a worker's lines. Nothing is dropped otherwise: when the writer falls
-//! far behind, loggers wait for it.
+//! lines keep arriving the writer collects them on its own timer, every [`DRAIN_INTERVAL`],
+//! and writes them in one go; a batch wakes it only when it has gone idle (nothing arrived
+//! since its last write), so workers cause at most one wake-up per interval. A line from a
+//! thread that does not batch, a large backlog and shutdown wake it early. So a batch reaches
+//! the output within one interval plus the write before it, unless the output itself blocks;
+//! a process killed without warning loses what was not yet written, at most about
+//! [`FLUSH_INTERVAL`] plus [`DRAIN_INTERVAL`] of a worker's lines. Nothing is dropped
+//! otherwise: when the writer falls far behind, loggers wait for it. Only once the writer has
+//! stopped are lines refused, and shutdown waits at most [`SHUTDOWN_WAIT`] for an output that
+//! does not take them.
 //!
 //! [`JsonFormat`] writes each event as one JSON object straight into the line, with no
 //! intermediate values: the general-purpose JSON formatter serialises through serde and formats
@@ -40,6 +45,9 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// How often the writer thread takes the lines handed over while lines keep arriving.
 pub const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
 
+/// Longest dropping an [`Output`] waits for the writer to finish.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+
 /// A batch is handed over once it holds this much.
 const BATCH_BYTES: usize = 16 * 1024;
 
@@ -57,7 +65,7 @@ pub type Sink = Arc<dyn Fn(&[u8], Handoff) -> io::Result<()> + Send + Sync>;
 pub enum Handoff {
     /// A line from a thread that does not batch: written promptly.
     Now,
-    /// A worker's batch: taken on the writer's own schedule, within [`DRAIN_INTERVAL`].
+    /// A worker's batch: taken on the writer's own schedule, every [`DRAIN_INTERVAL`].
     Batch,
 }
 
@@ -166,7 +174,8 @@ impl Drop for BatchGuard {
 }
 
 /// The log writer thread: takes the lines handed to its [`sink`](Self::sink) and writes them
-/// to its output in large writes. Dropping it writes what is left and stops the thread.
+/// to its output in large writes. Dropping it writes what is left and stops the thread,
+/// waiting at most [`SHUTDOWN_WAIT`] for the output.
 pub struct Output {
     queue: Arc<Queue>,
     thread: Option<JoinHandle<()>>,
@@ -182,6 +191,7 @@ impl Output {
                 idle: false,
                 wanted: false,
                 closed: false,
+                stopped: false,
             }),
             wake: Condvar::new(),
             room: Condvar::new(),
@@ -205,13 +215,24 @@ impl Output {
 
 impl Drop for Output {
     fn drop(&mut self) {
-        {
-            let mut p = self.queue.lock();
-            p.closed = true;
-        }
+        let mut p = self.queue.lock();
+        p.closed = true;
         self.queue.wake.notify_all();
-        self.queue.room.notify_all();
-        if let Some(thread) = self.thread.take() {
+        let (p, _) = match self
+            .queue
+            .room
+            .wait_timeout_while(p, SHUTDOWN_WAIT, |p| !p.stopped)
+        {
+            Ok(r) => r,
+            Err(e) => e.into_inner(),
+        };
+        let stopped = p.stopped;
+        drop(p);
+        // An output that never takes the lines (a pipe nobody reads) must not keep the process
+        // from exiting: the thread is left behind.
+        if let Some(thread) = self.thread.take()
+            && stopped
+        {
             let _ = thread.join();
         }
     }
@@ -222,7 +243,7 @@ struct Queue {
     pending: Mutex<Pending>,
     /// The writer waits here, for lines or for its interval to pass.
     wake: Condvar,
-    /// Hand-offs wait here while the queue is full.
+    /// Hand-offs wait here while the queue is full, and shutdown for the writer to stop.
     room: Condvar,
 }
 
@@ -232,8 +253,10 @@ struct Pending {
     idle: bool,
     /// The writer should take the lines now rather than at the end of its interval.
     wanted: bool,
-    /// The writer takes what is left and stops; later hand-offs fail.
+    /// The writer takes what is left and stops.
     closed: bool,
+    /// The writer has stopped: hand-offs fail.
+    stopped: bool,
 }
 
 impl Queue {
@@ -245,12 +268,12 @@ impl Queue {
 
     fn push(&self, lines: &[u8], handoff: Handoff) -> io::Result<()> {
         let mut p = self.lock();
-        while p.lines.len() >= MAX_PENDING_BYTES && !p.closed {
+        while p.lines.len() >= MAX_PENDING_BYTES && !p.stopped {
             p.wanted = true;
             self.wake.notify_one();
             p = self.room.wait(p).unwrap_or_else(PoisonError::into_inner);
         }
-        if p.closed {
+        if p.stopped {
             return Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
                 "the log writer has stopped",
@@ -271,11 +294,23 @@ impl Queue {
 /// The writer thread's loop: wait for lines, let more gather for up to `interval` unless they
 /// are wanted now, write them in one go; when closed, write what is left and return.
 fn write_lines(queue: &Queue, mut out: impl io::Write, interval: Duration) {
+    // Marks the writer stopped however it ends, so no logger and no shutdown waits for it.
+    struct Stopped<'a>(&'a Queue);
+    impl Drop for Stopped<'_> {
+        fn drop(&mut self) {
+            self.0.lock().stopped = true;
+            self.0.room.notify_all();
+        }
+    }
+    let _stopped = Stopped(queue);
     let mut taken = Vec::new();
     let mut p = queue.lock();
     loop {
         if p.lines.is_empty() {
             if p.closed {
+                // Refuse hand-offs from here on, in the same critical section that saw the
+                // queue empty, so none is accepted and then left unwritten.
+                p.stopped = true;
                 break;
             }
             p.idle = true;
@@ -302,6 +337,8 @@ fn write_lines(queue: &Queue, mut out: impl io::Write, interval: Duration) {
         // loggers from waiting for room that never comes.
         let _ = out.write_all(&taken).and_then(|()| out.flush());
         taken.clear();
+        // A burst's buffers are not kept for good.
+        taken.shrink_to(DRAIN_EARLY_BYTES);
         p = queue.lock();
     }
     drop(p);
@@ -671,14 +708,14 @@ mod tests {
     #[test]
     fn dropping_the_output_writes_what_is_left_and_later_lines_are_refused() {
         let rec = Recorded::default();
-        let out = Output::start(rec.clone(), Duration::from_secs(3600)).unwrap();
+        let out = Output::start(rec.clone(), Duration::from_secs(30)).unwrap();
         let sink = out.sink();
         sink(b"one\n", Handoff::Batch).unwrap();
         sink(b"two\n", Handoff::Batch).unwrap();
         let started = std::time::Instant::now();
         drop(out);
         assert!(
-            started.elapsed() < Duration::from_secs(60),
+            started.elapsed() < Duration::from_secs(10),
             "no wait for the interval"
         );
         assert_eq!(rec.all(), b"one\ntwo\n");
@@ -725,6 +762,93 @@ mod tests {
         assert_eq!(&all[..6], b"first\n");
         assert_eq!(all.len(), 6 + n * line.len());
         assert!(all[6..].chunks(line.len()).all(|c| c == line.as_slice()));
+    }
+
+    #[test]
+    fn a_large_backlog_wakes_the_writer_early() {
+        let rec = Recorded::default();
+        let out = Output::start(rec.clone(), Duration::from_secs(3600)).unwrap();
+        let sink = out.sink();
+        let line = [b'b'; 1023]
+            .iter()
+            .chain(b"\n")
+            .copied()
+            .collect::<Vec<u8>>();
+        for _ in 0..DRAIN_EARLY_BYTES / line.len() - 1 {
+            sink(&line, Handoff::Batch).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            rec.writes().is_empty(),
+            "under 1 MiB waits for the interval"
+        );
+        sink(&line, Handoff::Batch).unwrap();
+        assert!(
+            wait_for(|| rec.all().len() == DRAIN_EARLY_BYTES),
+            "1 MiB is written at once"
+        );
+        drop(out);
+    }
+
+    #[test]
+    fn lines_handed_over_during_shutdown_are_written() {
+        let rec = Recorded::default();
+        rec.hold(true);
+        let out = Output::start(rec.clone(), Duration::from_millis(10)).unwrap();
+        let sink = out.sink();
+        sink(b"first\n", Handoff::Now).unwrap();
+        assert!(wait_for(|| rec
+            .entered
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1));
+        let line = [b'z'; 1023]
+            .iter()
+            .chain(b"\n")
+            .copied()
+            .collect::<Vec<u8>>();
+        let n = MAX_PENDING_BYTES / line.len() + 64;
+        let (s, l) = (sink.clone(), line.clone());
+        // This logger fills the queue and waits for room while the output is shut down.
+        let logger = std::thread::spawn(move || {
+            for _ in 0..n {
+                s(&l, Handoff::Batch).unwrap();
+            }
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            !logger.is_finished(),
+            "more than the queue holds is waiting"
+        );
+        let closer = std::thread::spawn(move || drop(out));
+        std::thread::sleep(Duration::from_millis(100));
+        rec.hold(false);
+        closer.join().unwrap();
+        logger.join().unwrap();
+        let all = rec.all();
+        assert_eq!(all.len(), 6 + n * line.len(), "nothing handed over is lost");
+        let late = sink(b"late\n", Handoff::Now).unwrap_err();
+        assert_eq!(late.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[test]
+    fn shutdown_gives_up_on_an_output_that_never_takes_lines() {
+        let rec = Recorded::default();
+        rec.hold(true);
+        let out = Output::start(rec.clone(), Duration::from_millis(10)).unwrap();
+        out.sink()(b"stuck\n", Handoff::Now).unwrap();
+        assert!(wait_for(|| rec
+            .entered
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1));
+        let started = std::time::Instant::now();
+        drop(out);
+        let waited = started.elapsed();
+        assert!(
+            waited >= SHUTDOWN_WAIT && waited < SHUTDOWN_WAIT + Duration::from_secs(20),
+            "{waited:?}"
+        );
+        // Let the thread left behind finish.
+        rec.hold(false);
     }
 
     #[test]

@@ -380,8 +380,9 @@ pub fn run() -> ExitCode {
 /// handed over (in batches from the signing workers, see `crate::logging`), and the thread
 /// writes whatever has queued up in one go. `cactl serve` logs every certificate it issues,
 /// and a write(2) per line would cost the signing path more than the line itself. Nothing is
-/// dropped: when the thread falls far behind, loggers wait. Dropping the writer writes what is
-/// left. Should the thread not start, lines are written where they are logged.
+/// dropped while it runs: when the thread falls far behind, loggers wait. Dropping the writer
+/// writes what is left, giving up after `logging::SHUTDOWN_WAIT` if stderr takes nothing.
+/// Should the thread not start, lines are written where they are logged.
 fn init_logging(level: &str, format: LogFormat) -> Option<crate::logging::Output> {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
