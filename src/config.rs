@@ -37,6 +37,9 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The config cannot be written as YAML.
+    #[error("cannot write the config as YAML: {0}")]
+    Serialize(String),
     /// A value out of range.
     #[error("config file {path}: {field}: {reason}")]
     Invalid {
@@ -673,6 +676,11 @@ impl Loaded {
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Loaded, Error> {
+        Self::load_with_text(path).map(|(loaded, _)| loaded)
+    }
+
+    /// Reads and validates a config file, returning its text too (for edits that keep it).
+    pub fn load_with_text(path: &Path) -> Result<(Loaded, String), Error> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -686,10 +694,11 @@ impl Config {
             }
         };
         let config = Self::parse(&text, &path.display().to_string())?;
-        Ok(Loaded {
+        let loaded = Loaded {
             config,
             path: path.to_path_buf(),
-        })
+        };
+        Ok((loaded, text))
     }
 
     /// Parses and validates YAML text; `origin` names it in messages.
@@ -934,9 +943,8 @@ impl Config {
     }
 
     /// Serializes to YAML.
-    pub fn to_yaml(&self) -> String {
-        // Invariant: the config holds only strings, numbers, booleans and lists.
-        serde_saphyr::to_string(self).unwrap_or_default()
+    pub fn to_yaml(&self) -> Result<String, Error> {
+        serde_saphyr::to_string(self).map_err(|e| Error::Serialize(first_line(&e.to_string())))
     }
 
     /// The rotation policy: thresholds from `rotation`, soak defaulting to the longest
@@ -998,19 +1006,32 @@ pub fn validate_cluster_name(name: &str) -> Result<(), String> {
 /// `None` when the list is not a block list this edit understands (flow style, or a key with no
 /// items); callers check that the result parses to the config they expect.
 pub fn append_cluster(text: &str, name: &str) -> Option<String> {
+    let nl = if text.contains("\r\n") { "\r\n" } else { "\n" };
     let lines: Vec<&str> = text.split_inclusive('\n').collect();
     let Some(key) = lines.iter().position(|l| l.starts_with("clusters:")) else {
         let mut out = text.to_owned();
         if !out.is_empty() && !out.ends_with('\n') {
-            out.push('\n');
+            out.push_str(nl);
         }
-        out.push_str("clusters:\n- name: ");
-        out.push_str(name);
-        out.push('\n');
+        out.push_str(&format!("clusters:{nl}- name: {name}{nl}"));
         return Some(out);
     };
-    // The key must open a block: nothing after the colon but a comment.
+    // The key must open a block (nothing after the colon but a comment), or be an empty flow
+    // list, as `cactl init` writes it, which becomes a block.
     let after = lines[key]["clusters:".len()..].trim();
+    if let Some(comment) = after.strip_prefix("[]").map(str::trim_start)
+        && (comment.is_empty() || comment.starts_with('#'))
+    {
+        let mut out: String = lines[..key].concat();
+        out.push_str("clusters:");
+        if !comment.is_empty() {
+            out.push(' ');
+            out.push_str(comment);
+        }
+        out.push_str(&format!("{nl}- name: {name}{nl}"));
+        out.extend(lines[key + 1..].iter().copied());
+        return Some(out);
+    }
     if !(after.is_empty() || after.starts_with('#')) {
         return None;
     }
@@ -1043,12 +1064,10 @@ pub fn append_cluster(text: &str, name: &str) -> Option<String> {
     let indent = indent?;
     let mut out: String = lines[..=last].concat();
     if !out.ends_with('\n') {
-        out.push('\n');
+        out.push_str(nl);
     }
     out.push_str(&" ".repeat(indent));
-    out.push_str("- name: ");
-    out.push_str(name);
-    out.push('\n');
+    out.push_str(&format!("- name: {name}{nl}"));
     out.extend(lines[last + 1..].iter().copied());
     Some(out)
 }
@@ -1153,6 +1172,20 @@ mod tests {
             "clusters:\n- name: east\n"
         );
         // Shapes left to a full rewrite.
+        // The empty list `cactl init` writes becomes a block list.
+        assert_eq!(
+            append_cluster("a: 1\nclusters: [] # none yet\nb: 2\n", "east").unwrap(),
+            "a: 1\nclusters: # none yet\n- name: east\nb: 2\n"
+        );
+        assert_eq!(
+            append_cluster("clusters: []", "east").unwrap(),
+            "clusters:\n- name: east\n"
+        );
+        // CRLF files keep their line ends.
+        assert_eq!(
+            append_cluster("clusters:\r\n- name: east\r\nb: 2\r\n", "west").unwrap(),
+            "clusters:\r\n- name: east\r\n- name: west\r\nb: 2\r\n"
+        );
         assert_eq!(append_cluster("clusters: [east]\n", "west"), None);
         assert_eq!(append_cluster("clusters:\nroot: {}\n", "west"), None);
         assert_eq!(append_cluster("clusters:\n", "west"), None);
@@ -1162,7 +1195,7 @@ mod tests {
     fn empty_file_is_the_default_and_round_trips() {
         let c = Config::parse("", "t").unwrap();
         assert_eq!(c, Config::default());
-        let y = c.to_yaml();
+        let y = c.to_yaml().unwrap();
         assert_eq!(Config::parse(&y, "t").unwrap(), c);
     }
 

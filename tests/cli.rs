@@ -404,6 +404,18 @@ fn cluster_add_keeps_the_config_files_comments() {
     );
     assert_eq!(env.ok(&["cluster", "list"]), "east\nwest\n");
 
+    // The file keeps its permissions.
+    use std::os::unix::fs::PermissionsExt;
+    let config = env.path("cactl.yaml");
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o640)).unwrap();
+    env.ok(&["cluster", "add", "north"]);
+    let mode = std::fs::metadata(&config).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o640);
+    assert!(
+        env.read("cactl.yaml")
+            .contains("  - name: west\n  - name: north\n# workload")
+    );
+
     // A list the edit does not understand is rewritten whole, and the user is told.
     env.write("cactl.yaml", "# flow style\nclusters: [{name: east}]\n");
     let run = env.run(&["cluster", "add", "west"]);
@@ -418,4 +430,20 @@ fn cluster_add_keeps_the_config_files_comments() {
     let text = env.read("cactl.yaml");
     assert!(!text.contains("# flow style"), "{text}");
     assert_eq!(env.ok(&["cluster", "list"]), "east\nwest\n");
+}
+
+#[test]
+fn cluster_add_after_init_keeps_the_starter_configs_comments() {
+    let env = Env::new();
+    env.ok(&["init"]);
+    let starter = env.read("cactl.yaml");
+    assert!(starter.contains("\nclusters: []\n"), "{starter}");
+    env.write("cactl.yaml", format!("# edited by hand\n{starter}"));
+    let run = env.run(&["cluster", "add", "east"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.stderr, "");
+    let expected = format!("# edited by hand\n{starter}")
+        .replace("\nclusters: []\n", "\nclusters:\n- name: east\n");
+    assert_eq!(env.read("cactl.yaml"), expected);
+    assert_eq!(env.ok(&["cluster", "list"]), "east\n");
 }

@@ -565,14 +565,23 @@ fn init(cli: &Cli, args: &InitArgs, now: OffsetDateTime) -> Result<()> {
 fn write_config(path: &Path, config: &Config) -> Result<()> {
     let text = format!(
         "# cactl configuration. Durations accept e.g. 12h, 30d, 1y.\n{}",
-        config.to_yaml()
+        config.to_yaml()?
     );
-    fsutil::write_atomic(path, text.as_bytes(), 0o644)
+    write_config_text(path, &text)
+}
+
+/// Replaces the config file atomically, keeping its permissions and writing through a symlink
+/// to the file it points at.
+fn write_config_text(path: &Path, text: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let target = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mode = std::fs::metadata(&target).map_or(0o644, |m| m.permissions().mode() & 0o7777);
+    fsutil::write_atomic(&target, text.as_bytes(), mode)
         .with_context(|| format!("cannot write config file {}", path.display()))
 }
 
 fn cluster_add(cli: &Cli, name: &str) -> Result<()> {
-    let mut loaded = load_config(cli)?;
+    let (mut loaded, text) = Config::load_with_text(&cli.config)?;
     config::validate_cluster_name(name).map_err(|reason| anyhow!(reason))?;
     if loaded.config.cluster(name).is_some() {
         bail!(
@@ -584,12 +593,10 @@ fn cluster_add(cli: &Cli, name: &str) -> Result<()> {
     let origin = cli.config.display().to_string();
     loaded.config.validate(&origin)?;
     // Edit the file in place, keeping its comments, when the edit reads back as intended.
-    let text = read_file(&cli.config, "config file")?;
     let edited = config::append_cluster(&text, name)
         .filter(|t| Config::parse(t, &origin).is_ok_and(|c| c == loaded.config));
     match edited {
-        Some(text) => fsutil::write_atomic(&cli.config, text.as_bytes(), 0o644)
-            .with_context(|| format!("cannot write config file {origin}"))?,
+        Some(text) => write_config_text(&cli.config, &text)?,
         None => {
             tracing::warn!(
                 config = %origin,
