@@ -202,7 +202,7 @@ fn every_status_code_with_its_reason() {
     // No scheduled rotation: it would issue the "pending" cluster an intermediate while the
     // cases run, and the "issuer not ready" case needs it to have none.
     let m = mesh("rotation:\n  interval: 0s\n");
-    let server = Server::start(&m.env, &[]);
+    let mut server = Server::start(&m.env, &[]);
     rt().block_on(async {
         let mut c = client(&server, &m.bundle).await;
         let good_csr = || csr_agent(&id("shop", "web"), &rcgen::PKCS_ECDSA_P256_SHA256);
@@ -446,6 +446,9 @@ fn every_status_code_with_its_reason() {
         metrics.contains("cactl_auth_failures_total{reason=\"no_credentials\"} 1"),
         "{metrics}"
     );
+    // Stopping the server writes every log line still queued (workers hand theirs over in
+    // batches), so the whole log is checked.
+    assert_eq!(server.terminate(), 0, "{}", server.logs());
     let logs = server.logs();
     assert!(!logs.contains("eyJ"), "a token leaked into the logs");
     assert!(!logs.contains("PRIVATE KEY"), "a key leaked into the logs");
@@ -454,7 +457,7 @@ fn every_status_code_with_its_reason() {
 #[test]
 fn token_cache_hits_and_metrics_and_health() {
     let m = mesh("");
-    let server = Server::start(&m.env, &[]);
+    let mut server = Server::start(&m.env, &[]);
     assert_eq!(http_get(&server.metrics, "/healthz"), (200, "ok\n".into()));
     assert_eq!(
         http_get(&server.metrics, "/readyz"),
@@ -516,6 +519,8 @@ fn token_cache_hits_and_metrics_and_health() {
         metrics.contains("cactl_serving_cert_not_after_timestamp_seconds"),
         "{metrics}"
     );
+    // Stopping the server writes every log line still queued.
+    assert_eq!(server.terminate(), 0, "{}", server.logs());
     let logs = server.logs();
     assert!(logs.contains("issued workload certificate"), "{logs}");
     assert!(
@@ -643,7 +648,7 @@ fn tls_negotiates_h2_on_tls12_and_tls13_and_presents_the_configured_names() {
 #[test]
 fn hot_swap_under_load_fails_no_request() {
     let m = mesh("  reload_interval: 200ms\n");
-    let server = Server::start(&m.env, &[]);
+    let mut server = Server::start(&m.env, &[]);
     let roots = cactl::pki::pem::certificates(&m.bundle).unwrap();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let serials = std::sync::Arc::new(std::sync::Mutex::new(BTreeMap::<String, usize>::new()));
@@ -716,6 +721,8 @@ fn hot_swap_under_load_fails_no_request() {
         3,
         "requests should have been served by all three intermediates: {seen:?}"
     );
+    // Stopping the server writes every log line still queued.
+    assert_eq!(server.terminate(), 0, "{}", server.logs());
     let logs = server.logs();
     assert!(logs.contains("issuers swapped"), "{logs}");
     assert!(logs.contains("serving certificate renewed"), "{logs}");
