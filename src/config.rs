@@ -1171,7 +1171,6 @@ mod tests {
             append_cluster("", "east").unwrap(),
             "clusters:\n- name: east\n"
         );
-        // Shapes left to a full rewrite.
         // The empty list `cactl init` writes becomes a block list.
         assert_eq!(
             append_cluster("a: 1\nclusters: [] # none yet\nb: 2\n", "east").unwrap(),
@@ -1186,6 +1185,7 @@ mod tests {
             append_cluster("clusters:\r\n- name: east\r\nb: 2\r\n", "west").unwrap(),
             "clusters:\r\n- name: east\r\n- name: west\r\nb: 2\r\n"
         );
+        // Shapes left to a full rewrite.
         assert_eq!(append_cluster("clusters: [east]\n", "west"), None);
         assert_eq!(append_cluster("clusters:\nroot: {}\n", "west"), None);
         assert_eq!(append_cluster("clusters:\n", "west"), None);

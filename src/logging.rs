@@ -654,6 +654,24 @@ mod tests {
         false
     }
 
+    /// An output held shut and a writer (10 ms interval) blocked writing `first` to it.
+    fn writer_stuck_on(first: &[u8]) -> (Recorded, Output) {
+        let rec = Recorded::default();
+        rec.hold(true);
+        let out = Output::start(rec.clone(), Duration::from_millis(10)).unwrap();
+        out.sink()(first, Handoff::Now).unwrap();
+        let entered = || rec.entered.load(std::sync::atomic::Ordering::SeqCst) == 1;
+        assert!(wait_for(entered), "the writer took the first line");
+        (rec, out)
+    }
+
+    /// A 1 KiB line of `fill`.
+    fn kib_line(fill: u8) -> Vec<u8> {
+        let mut line = vec![fill; 1023];
+        line.push(b'\n');
+        line
+    }
+
     #[test]
     fn a_batch_waits_for_the_writers_interval_and_a_prompt_line_takes_it_along() {
         let rec = Recorded::default();
@@ -725,21 +743,9 @@ mod tests {
 
     #[test]
     fn a_full_queue_makes_loggers_wait_and_loses_nothing() {
-        let rec = Recorded::default();
-        rec.hold(true);
-        let out = Output::start(rec.clone(), Duration::from_millis(10)).unwrap();
+        let (rec, out) = writer_stuck_on(b"first\n");
         let sink = out.sink();
-        // The writer takes the first line and blocks on the held output.
-        sink(b"first\n", Handoff::Now).unwrap();
-        assert!(wait_for(|| rec
-            .entered
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 1));
-        let line = [b'y'; 1023]
-            .iter()
-            .chain(b"\n")
-            .copied()
-            .collect::<Vec<u8>>();
+        let line = kib_line(b'y');
         let n = MAX_PENDING_BYTES / line.len() + 64;
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let s = sink.clone();
@@ -769,11 +775,7 @@ mod tests {
         let rec = Recorded::default();
         let out = Output::start(rec.clone(), Duration::from_secs(3600)).unwrap();
         let sink = out.sink();
-        let line = [b'b'; 1023]
-            .iter()
-            .chain(b"\n")
-            .copied()
-            .collect::<Vec<u8>>();
+        let line = kib_line(b'b');
         for _ in 0..DRAIN_EARLY_BYTES / line.len() - 1 {
             sink(&line, Handoff::Batch).unwrap();
         }
@@ -792,20 +794,9 @@ mod tests {
 
     #[test]
     fn lines_handed_over_during_shutdown_are_written() {
-        let rec = Recorded::default();
-        rec.hold(true);
-        let out = Output::start(rec.clone(), Duration::from_millis(10)).unwrap();
+        let (rec, out) = writer_stuck_on(b"first\n");
         let sink = out.sink();
-        sink(b"first\n", Handoff::Now).unwrap();
-        assert!(wait_for(|| rec
-            .entered
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 1));
-        let line = [b'z'; 1023]
-            .iter()
-            .chain(b"\n")
-            .copied()
-            .collect::<Vec<u8>>();
+        let line = kib_line(b'z');
         let n = MAX_PENDING_BYTES / line.len() + 64;
         let (s, l) = (sink.clone(), line.clone());
         // This logger fills the queue and waits for room while the output is shut down.
@@ -832,14 +823,7 @@ mod tests {
 
     #[test]
     fn shutdown_gives_up_on_an_output_that_never_takes_lines() {
-        let rec = Recorded::default();
-        rec.hold(true);
-        let out = Output::start(rec.clone(), Duration::from_millis(10)).unwrap();
-        out.sink()(b"stuck\n", Handoff::Now).unwrap();
-        assert!(wait_for(|| rec
-            .entered
-            .load(std::sync::atomic::Ordering::SeqCst)
-            == 1));
+        let (rec, out) = writer_stuck_on(b"stuck\n");
         let started = std::time::Instant::now();
         drop(out);
         let waited = started.elapsed();
